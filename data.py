@@ -1,0 +1,119 @@
+"""Multi30k English captions as 100-slot character sequences: the one data loader.
+
+Files come from (1) `--data-dir`, else (2) the folder in $DLM_DATA_DIR, else (3) a cache
+folder `.data/multi30k/` next to this file, downloaded on first use and checked by SHA-256.
+
+Encoding, the same for every model so their numbers are comparable:
+  vocabulary = PAD, BOS, UNK, then the sorted characters of the *training* split only;
+  a caption becomes exactly SLOTS=100 ids: its first <= 99 characters, then PAD up to 100,
+  so every caption ends with at least one PAD (the end is part of what a model predicts).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from common import UserError
+
+SLOTS = 100
+PAD, BOS, UNK = 0, 1, 2
+SPECIALS = ["<pad>", "<bos>", "<unk>"]
+URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
+FILES = {"train": "train.en.gz", "val": "val.en.gz", "test": "test_2016_flickr.en.gz"}
+SHA256 = {
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+}
+CACHE_DIR = Path(__file__).resolve().parent / ".data" / "multi30k"
+ENV_VAR = "DLM_DATA_DIR"
+
+
+class Vocab:
+    """Characters <-> ids. Built from the training captions only: building it from all
+    splits would tell the model which characters the test set holds."""
+
+    def __init__(self, chars: list[str]):
+        self.itos = SPECIALS + sorted(set(chars) - set(SPECIALS))
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.stoi.get(c, UNK) for c in text[: SLOTS - 1]]
+        return ids + [PAD] * (SLOTS - len(ids))
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids.tolist() if torch.is_tensor(ids) else ids:
+            if i == PAD:
+                break
+            out.append(self.itos[i] if i >= len(SPECIALS) else SPECIALS[i])
+        return "".join(out)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _download(name: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / name, folder / (name + ".part")
+    try:
+        urllib.request.urlretrieve(URL + name, tmp)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{name} is not in {folder} and downloading {URL + name} failed ({e}); "
+                        f"pass --data-dir or set {ENV_VAR} to a folder holding {name}") from None
+    if _sha256(tmp) != SHA256[name]:
+        tmp.unlink()
+        raise UserError(f"downloaded {name} does not match its SHA-256 checksum; deleted it, not used")
+    tmp.replace(path)
+    return path
+
+
+def find_file(name: str, data_dir: str | None = None) -> Path:
+    """A local folder (flag, then environment variable) is used as is; only the cache downloads."""
+    local = data_dir or os.environ.get(ENV_VAR)
+    if local:
+        path = Path(local) / name
+        if not path.is_file():
+            raise UserError(f"{name} not found in {local} (from {'--data-dir' if data_dir else ENV_VAR}); "
+                            f"it can be downloaded from {URL + name}")
+        return path
+    path = CACHE_DIR / name
+    return path if path.is_file() else _download(name, CACHE_DIR)
+
+
+def read_captions(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def load(data_dir: str | None = None) -> tuple[Vocab, dict[str, torch.Tensor]]:
+    """Returns the vocabulary and {split: LongTensor (N, SLOTS)} for train / val / test."""
+    captions = {split: read_captions(find_file(name, data_dir)) for split, name in FILES.items()}
+    vocab = Vocab([c for line in captions["train"] for c in line])
+    tensors = {split: torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long)
+               for split, lines in captions.items()}
+    return vocab, tensors
+
+
+def num_chars(x: torch.Tensor) -> torch.Tensor:
+    """(N, SLOTS) -> (N,) characters before the first PAD."""
+    return (x != PAD).long().cumprod(dim=1).sum(dim=1)
+
+
+def batches(x: torch.Tensor, batch_size: int, generator: torch.Generator | None = None, skip: int = 0):
+    """Yields (B, SLOTS) batches: shuffled by `generator` (a new order on every call), else in file
+    order. `skip` drops the first batches of that order (resuming in the middle of an epoch)."""
+    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+    for start in range(skip * batch_size, len(x), batch_size):
+        yield x[order[start:start + batch_size]]
