@@ -180,6 +180,8 @@ def eval_split(model, splits, split, cfg, device, run_dir, step, epoch):
     bpc = common.bits_per_char(nlpps, data.num_chars(splits[split]).float().mean().item())
     report(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} (exact)")
     common.log_metrics(run_dir, dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound="exact"))
+    if split == "test":  # per caption, file order: compare.py lines models up caption by caption
+        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
     return nll
 
 
@@ -227,8 +229,7 @@ def run(argv=None):
         return
     if cfg.eval_only:
         for split in ("val", "test"):
-            nll = eval_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
-        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
+            eval_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
         return
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     report(run_dir, f"{SCRIPT} | {n_params:,} parameters | {len(train):,} training captions | {device} | "
@@ -281,8 +282,7 @@ def run(argv=None):
 
     best = common.load_checkpoint(ckpt_best, SCRIPT)
     model.load_state_dict(best["model"])
-    nll = eval_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
-    (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
+    eval_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
 
 
 def main(argv=None):
