@@ -321,3 +321,121 @@ def test_dlm100_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, 
         dlm100_rnn.run(base)
     ckpt = common.load_checkpoint(tmp_path / "dlm100_rnn" / "default" / "ckpt_last.pt", "dlm100_rnn")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ----------------------------------------------------------------------------- DLM142
+import dlm142_diffusion  # noqa: E402
+
+
+def tiny_diffusion(noise, copy=True, time_cond=True, V=3, T=4):
+    torch.manual_seed(0)
+    cfg = dlm142_diffusion.Config(embed=8, depth=2, kernel=3, steps=T, noise=noise, copy=copy, time_cond=time_cond)
+    return dlm142_diffusion.Model(V, cfg).double()
+
+
+@pytest.mark.parametrize("noise", ["uniform", "absorb"])
+def test_dlm142_posterior_matches_bayes_rule_and_ends_at_noise(noise):
+    c = tiny_diffusion(noise).corruption
+    S, T = c.states, c.T
+    a = c.alpha_bar(torch.arange(T + 1))
+    # one-step matrices straight from the definition q(x_t | x_{t-1}) = (1 - b_t) I + b_t n
+    Q = [None] + [(1 - (1 - a[t] / a[t - 1])) * torch.eye(S) + (1 - a[t] / a[t - 1]) * c.noise.expand(S, S)
+                  for t in range(1, T + 1)]
+    x0 = torch.tensor([[0, 2, 1]])
+    marg = F_onehot = torch.nn.functional.one_hot(x0[0], S).float()  # (L, S) q(x_0 | x_0)
+    for t in range(1, T + 1):
+        prev, marg = marg, marg @ Q[t]
+        torch.testing.assert_close(c.marginal(x0, torch.tensor([t]))[0], marg)
+        for xt_state in itertools.product(range(S), repeat=3):
+            xt = torch.tensor([xt_state])
+            if (marg[torch.arange(3), xt[0]] == 0).any():
+                continue  # impossible x_t
+            bayes = Q[t][:, xt[0]].t() * prev                                   # (L, S)
+            torch.testing.assert_close(c.posterior(x0, xt, torch.tensor([t]))[0], bayes / bayes.sum(-1, keepdim=True))
+    torch.testing.assert_close(marg, c.noise.expand(3, S))  # a_T = 0: x_T is pure noise
+    assert c.prior_kl(x0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("noise", ["uniform", "absorb"])
+@pytest.mark.parametrize("copy", [True, False])
+def test_dlm142_exact_likelihood_sums_to_one_and_elbo_is_below_it(noise, copy):
+    model = tiny_diffusion(noise, copy)
+    c, V, L = model.corruption, 3, 2
+    S, T = c.states, c.T
+    states = torch.tensor(list(itertools.product(range(S), repeat=L)))             # (S^L, L)
+    with torch.no_grad():
+        p = c.noise.double()[states].prod(-1)                                    # p(x_T)
+        for t in range(T, 0, -1):
+            lp = model.reverse_log_probs(states, torch.full((len(states),), t))    # (S^L, L, S)
+            trans = sum(lp[:, i, states[:, i]] for i in range(L)).exp()           # [a, b] = p(x_{t-1}=b | x_t=a)
+            p = p @ trans
+        assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+        is_data = (states < V).all(-1)
+        assert p[is_data].sum().item() == pytest.approx(1.0, abs=1e-6)  # x_0 is never a MASK
+        for x0, px in zip(states[is_data], p[is_data]):
+            x0 = x0[None]
+            bound = c.prior_kl(x0).item()
+            for t in range(1, T + 1):
+                q = c.marginal(x0, torch.tensor([t]))[0]                           # (L, S)
+                w = q[0, states[:, 0]] * q[1, states[:, 1]]                        # q(x_t | x_0) for every state
+                terms = model.step_loss(x0.expand(len(states), L), states, torch.full((len(states),), t))
+                bound += (w * torch.nan_to_num(terms, posinf=0.0)).sum().item()  # w = 0 where x_t impossible
+            assert bound >= -math.log(px.item()) - 1e-6
+            assert bound < -math.log(px.item()) + 10  # a bound, not a runaway number
+
+
+def test_dlm142_training_estimate_is_unbiased_for_the_evaluated_bound():
+    model = tiny_diffusion("absorb")
+    x = torch.randint(0, 3, (4, 2))
+    cfg = dlm142_diffusion.Config(eval_batch_size=7)
+    with torch.no_grad():
+        exact = sum(dlm142_diffusion.evaluate(model, x, cfg, torch.device("cpu"))[0]
+                    for cfg.eval_seed in range(200)) / 200
+        torch.manual_seed(0)
+        estimate = torch.stack([model.loss(x) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(estimate.float(), exact, rtol=0.05, atol=0.05)
+
+
+def test_dlm142_val_estimate_from_a_few_steps_is_unbiased():
+    model = tiny_diffusion("uniform", T=6)
+    x = torch.randint(0, 3, (3, 2))
+    cfg = dlm142_diffusion.Config(eval_batch_size=64)
+    with torch.no_grad():
+        full = [dlm142_diffusion.evaluate(model, x, cfg, torch.device("cpu"))[0] for cfg.eval_seed in range(300)]
+        few = [dlm142_diffusion.evaluate(model, x, cfg, torch.device("cpu"), 2)[0] for cfg.eval_seed in range(300)]
+    torch.testing.assert_close(torch.stack(few).mean(0), torch.stack(full).mean(0), rtol=0.05, atol=0.05)
+
+
+def test_dlm142_headline_command_parses():
+    cfg, given = common.parse_config(dlm142_diffusion.Config, "", ["--depth", "11", "--lr", "1e-4"])
+    assert (cfg.depth, cfg.lr, cfg.embed, cfg.copy) == (11, 1e-4, 50, True) and given == {"depth", "lr"}
+    cfg, _ = common.parse_config(dlm142_diffusion.Config, "", ["--no-copy", "--noise", "uniform", "--time-cond"])
+    assert (cfg.copy, cfg.noise, cfg.time_cond) == (False, "uniform", True)
+    with pytest.raises(SystemExit):
+        common.parse_config(dlm142_diffusion.Config, "", ["--depth", "0"])
+
+
+TINY_DIFFUSION = ["--embed", "12", "--depth", "2", "--steps", "8", "--val-steps", "3", "--batch-size", "50",
+                  "--eval-batch-size", "256", "--num-samples", "2", "--log-every", "1", "--time-cond"]
+
+
+def test_dlm142_run_trains_resumes_exactly_evaluates_and_samples(tiny_data, tmp_path):
+    base = TINY_DIFFUSION + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "4", "--lr", "3e-3"]
+    run_script("dlm142_diffusion.py", base + ["--run-name", "straight"])
+    run_script("dlm142_diffusion.py", base + ["--run-name", "split", "--max-steps", "6"])
+    run_script("dlm142_diffusion.py", base + ["--run-name", "split", "--resume"])
+    straight, split = tmp_path / "dlm142_diffusion" / "straight", tmp_path / "dlm142_diffusion" / "split"
+    for name in ["args.json", "metrics.jsonl", "ckpt_best.pt", "samples.txt", "curves.png", "test_nlpps.txt",
+                 "noise_levels.png"]:
+        assert (straight / name).exists(), name
+    assert read_records(straight, "train") == read_records(split, "train")
+    assert read_records(straight, "test") == read_records(split, "test")[-1:]
+    train = [v for _, v in read_records(straight, "train")]
+    assert sum(train[-4:]) < sum(train[:4])
+    test = [r for r in common.read_metrics(straight) if r["kind"] == "test"][-1]
+    assert test["bound"] == "elbo" and len(test["per_step"]) == 8
+    assert test["nlpps"] == pytest.approx(sum(test["per_step"]), rel=1e-4)  # prior term is 0: a_T = 0
+    out = run_script("dlm142_diffusion.py", base + ["--run-name", "straight", "--eval-only"]).stdout
+    assert f"nlpps {test['nlpps']:.2f}" in out
+    out = run_script("dlm142_diffusion.py", base + ["--run-name", "straight", "--sample-only"]).stdout
+    assert out.count("[SAMPLE]") == 2
