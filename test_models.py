@@ -439,3 +439,44 @@ def test_dlm142_run_trains_resumes_exactly_evaluates_and_samples(tiny_data, tmp_
     assert f"nlpps {test['nlpps']:.2f}" in out
     out = run_script("dlm142_diffusion.py", base + ["--run-name", "straight", "--sample-only"]).stdout
     assert out.count("[SAMPLE]") == 2
+
+
+# ----------------------------------------------------------------------------- compare.py
+import compare  # noqa: E402
+
+
+def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound="exact"):
+    run_dir = root / script / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text(json.dumps({"epochs": epochs, "lr": 0.5, "run_name": name}))
+    records = [dict(kind="train", step=1, epoch=0.5, nlpps=99.0, seq_per_s=123.0),
+               dict(kind="val", step=2, epoch=1.0, nlpps=90.0, bpc=1.0, bound=bound),
+               dict(kind="test", step=2, epoch=epochs, nlpps=sum(values) / len(values), bpc=1.5, bound=bound)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in values))
+    common.save_checkpoint(dict(script=script, model={"w": torch.zeros(7)}, vocab=list(vocab)), run_dir / "ckpt_best.pt")
+    return str(run_dir)
+
+
+def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
+    n = 31
+    a = fake_run(tmp_path, "dlm100_rnn", "a", [50.0] + [10.0 + 0.01 * i for i in range(1, n)])
+    b = fake_run(tmp_path, "dlm142_diffusion", "b", [20.0] * 3 + [1.0] + [20.0] * (n - 4), bound="elbo")
+    out = tmp_path / "cmp"
+    text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(out), "--top", "1"])
+    assert "| dlm100_rnn/a | lr=0.5 | 7 | 20 | 11.44 | 1.5000 | exact | 123 |" in text
+    assert "dlm100_rnn/a wins on 93.5% of the captions, dlm142_diffusion/b on 6.5%" in text
+    captions = data.read_captions(tiny_data / "test_2016_flickr.en.gz")
+    assert f"- 10.0 / 20.0  `{captions[1]}`" in text   # the largest difference in a's favour
+    assert f"- 20.0 / 50.0  `{captions[0]}`" in text   # ... and in b's
+    assert (out / "comparison.md").read_text() == text and (out / "comparison.png").stat().st_size > 0
+
+    short = fake_run(tmp_path, "dlm100_rnn", "short", [1.0] * (n - 1))
+    with pytest.raises(common.UserError, match="do not line up"):
+        compare.compare([a, short, "--data-dir", str(tiny_data), "--out", str(out)])
+    other = fake_run(tmp_path, "dlm100_rnn", "other", [1.0] * n, vocab=("<pad>", "b"))
+    with pytest.raises(common.UserError, match="different vocabularies"):
+        compare.compare([a, other, "--data-dir", str(tiny_data), "--out", str(out)])
+    proc = subprocess.run([sys.executable, str(HERE / "compare.py"), a, str(tmp_path / "nothing")],
+                          capture_output=True, text=True, cwd=HERE)
+    assert_one_line_error(proc, "no args.json")
