@@ -281,7 +281,7 @@ def run(argv=None):
 
     vocab, splits = data.load(cfg.data_dir or None)
     if ckpt is not None and ckpt["vocab"] != vocab.itos:
-        raise UserError(f"the checkpoint's vocabulary differs from this data's: wrong --data-dir?")
+        raise UserError("the checkpoint's vocabulary differs from this data's: wrong --data-dir?")
     train = splits["train"][: cfg.limit_train or None]
     model = Model(len(vocab), cfg).to(device)
     optimizer = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
