@@ -168,7 +168,7 @@ def evaluate(model, x, cfg, device):
     for batch in data.batches(x, cfg.eval_batch_size):
         batch = batch.to(device)
         mean, log_sigma = model.encode(batch)
-        terms = []  # one draw at a time: the prior's (B, L, K, E) intermediate is the largest tensor
+        terms = []  # one draw at a time: memory stays at one (B, L, V) decoder output
         for _ in range(cfg.iw_samples):
             z = model.draw(mean, log_sigma, 1, generator)
             log_q = common.gaussian_log_prob(z, mean, log_sigma).sum(-1)
