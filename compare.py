@@ -76,7 +76,8 @@ def key_hyperparameters(run: Run) -> str:
         defaults = dataclasses.asdict(importlib.import_module(run.script).Config())
     except (ImportError, AttributeError):
         defaults = {}
-    skip = {"run_name", "out_dir", "data_dir", "device", "log_every", "num_samples", "eval_batch_size"}
+    skip = {"run_name", "out_dir", "data_dir", "device", "log_every", "num_samples", "eval_batch_size", "resume",
+            "eval_only", "sample_only", "max_steps", "temperature", "compile"}  # how it ran, not what it is
     diff = [f"{k}={v}" for k, v in run.args.items() if k not in skip and defaults.get(k, v) != v]
     return " ".join(diff) or "defaults"
 
