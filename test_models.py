@@ -266,17 +266,28 @@ def read_records(run_dir, kind):
     return [(r["step"], round(r["nlpps"], 4)) for r in common.read_metrics(run_dir) if r["kind"] == kind]
 
 
+RUN_FILES = ["args.json", "log.txt", "metrics.jsonl", "ckpt_last.pt", "ckpt_best.pt", "samples.txt", "curves.png",
+             "test_nlpps.txt"]
+
+
+def train_straight_and_resumed(script, base, extra_files=()):
+    """Train `base` straight, and again stopped by --max-steps 6 (mid-epoch 2) then --resume'd; check the
+    run folder is complete and both runs logged the same training losses. Returns the two run folders."""
+    run_script(script, base + ["--run-name", "straight"])
+    run_script(script, base + ["--run-name", "split", "--max-steps", "6"])
+    run_script(script, base + ["--run-name", "split", "--resume"])
+    root = Path(base[base.index("--out-dir") + 1]) / Path(script).stem
+    straight, split = root / "straight", root / "split"
+    for name in RUN_FILES + list(extra_files):
+        assert (straight / name).exists(), name
+    assert read_records(straight, "train") == read_records(split, "train")
+    return straight, split
+
+
 def test_dlm100_run_writes_everything_and_resume_is_exact(tiny_data, tmp_path):
     base = TINY + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "4"]
-    run_script("dlm100_rnn.py", base + ["--run-name", "straight"])
-    run_script("dlm100_rnn.py", base + ["--run-name", "split", "--max-steps", "6"])  # stops mid-epoch 2
-    run_script("dlm100_rnn.py", base + ["--run-name", "split", "--resume"])
-    straight, split = tmp_path / "dlm100_rnn" / "straight", tmp_path / "dlm100_rnn" / "split"
-    for name in ["args.json", "log.txt", "metrics.jsonl", "ckpt_last.pt", "ckpt_best.pt", "samples.txt",
-                 "curves.png", "test_nlpps.txt"]:
-        assert (straight / name).exists(), name
+    straight, split = train_straight_and_resumed("dlm100_rnn.py", base)
     assert len((straight / "test_nlpps.txt").read_text().split()) == 31
-    assert read_records(straight, "train") == read_records(split, "train")
     val_straight = read_records(straight, "val")
     assert len(val_straight) == 4 and set(val_straight) <= set(read_records(split, "val"))
     assert read_records(straight, "test") == read_records(split, "test")[-1:]
@@ -425,14 +436,7 @@ TINY_DIFFUSION = ["--embed", "12", "--depth", "2", "--steps", "8", "--val-steps"
 
 def test_dlm142_run_trains_resumes_exactly_evaluates_and_samples(tiny_data, tmp_path):
     base = TINY_DIFFUSION + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "4", "--lr", "3e-3"]
-    run_script("dlm142_diffusion.py", base + ["--run-name", "straight"])
-    run_script("dlm142_diffusion.py", base + ["--run-name", "split", "--max-steps", "6"])
-    run_script("dlm142_diffusion.py", base + ["--run-name", "split", "--resume"])
-    straight, split = tmp_path / "dlm142_diffusion" / "straight", tmp_path / "dlm142_diffusion" / "split"
-    for name in ["args.json", "metrics.jsonl", "ckpt_best.pt", "samples.txt", "curves.png", "test_nlpps.txt",
-                 "noise_levels.png"]:
-        assert (straight / name).exists(), name
-    assert read_records(straight, "train") == read_records(split, "train")
+    straight, split = train_straight_and_resumed("dlm142_diffusion.py", base, ["noise_levels.png"])
     assert read_records(straight, "test") == read_records(split, "test")[-1:]
     train = [v for _, v in read_records(straight, "train")]
     assert sum(train[-4:]) < sum(train[:4])
@@ -605,15 +609,8 @@ def test_dlm123_sampler_draws_from_the_model_the_loss_scores():
 
 def test_dlm123_run_writes_everything_and_resume_is_exact(tiny_data, tmp_path):
     base = GMMVAE_TINY + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "3"]
-    run_script("dlm123_gmmvae.py", base + ["--run-name", "straight"])
-    run_script("dlm123_gmmvae.py", base + ["--run-name", "split", "--max-steps", "6"])  # stops mid-epoch 2
-    run_script("dlm123_gmmvae.py", base + ["--run-name", "split", "--resume"])
-    straight, split = tmp_path / "dlm123_gmmvae" / "straight", tmp_path / "dlm123_gmmvae" / "split"
-    for name in ["args.json", "log.txt", "metrics.jsonl", "ckpt_last.pt", "ckpt_best.pt", "samples.txt",
-                 "curves.png", "test_nlpps.txt", "latents.png"]:
-        assert (straight / name).exists(), name
+    straight, split = train_straight_and_resumed("dlm123_gmmvae.py", base, ["latents.png"])
     assert len((straight / "test_nlpps.txt").read_text().split()) == 31
-    assert read_records(straight, "train") == read_records(split, "train")
     val_straight = read_records(straight, "val")
     assert len(val_straight) == 3 and set(val_straight) <= set(read_records(split, "val"))
     assert read_records(straight, "test") == read_records(split, "test")[-1:]
@@ -820,14 +817,7 @@ def test_dlm107_loss_value_is_the_negative_elbo_estimate_and_spaces_is_exact():
 # ----------------------------------------------------------------------------- the script
 def test_dlm107_run_writes_everything_resume_is_exact_eval_and_sample_only(tiny_data, tmp_path):
     base = SEG_TINY + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "4"]
-    run_script("dlm107_vae_seg.py", base + ["--run-name", "straight"])
-    run_script("dlm107_vae_seg.py", base + ["--run-name", "split", "--max-steps", "6"])  # stops mid-epoch 2
-    run_script("dlm107_vae_seg.py", base + ["--run-name", "split", "--resume"])
-    straight, split = tmp_path / "dlm107_vae_seg" / "straight", tmp_path / "dlm107_vae_seg" / "split"
-    for name in ["args.json", "log.txt", "metrics.jsonl", "ckpt_last.pt", "ckpt_best.pt", "samples.txt",
-                 "curves.png", "test_nlpps.txt", "segments.png"]:
-        assert (straight / name).exists(), name
-    assert read_records(straight, "train") == read_records(split, "train")
+    straight, split = train_straight_and_resumed("dlm107_vae_seg.py", base, ["segments.png"])
     val_straight = read_records(straight, "val")
     assert len(val_straight) == 4 and set(val_straight) <= set(read_records(split, "val"))
     assert read_records(straight, "test") == read_records(split, "test")[-2:]
