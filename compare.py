@@ -70,14 +70,17 @@ def check_comparable(runs: list[Run]) -> None:
                             "the files do not line up")
 
 
+# Run-control flags (a script's RUN_FLAGS) say how a run ran, not what it is; these few change its number.
+RUN_FLAGS_SHOWN = {"epochs", "dtype", "iw_samples"}
+
+
 def key_hyperparameters(run: Run) -> str:
     """The settings that differ from the script's defaults, e.g. 'depth=11 lr=0.0001'."""
     try:
-        defaults = dataclasses.asdict(importlib.import_module(run.script).Config())
+        script = importlib.import_module(run.script)
+        defaults, skip = dataclasses.asdict(script.Config()), script.RUN_FLAGS - RUN_FLAGS_SHOWN
     except (ImportError, AttributeError):
-        defaults = {}
-    skip = {"run_name", "out_dir", "data_dir", "device", "log_every", "num_samples", "eval_batch_size", "resume",
-            "eval_only", "sample_only", "max_steps", "temperature", "compile"}  # how it ran, not what it is
+        defaults, skip = {}, set()
     diff = [f"{k}={v}" for k, v in run.args.items() if k not in skip and defaults.get(k, v) != v]
     return " ".join(diff) or "defaults"
 

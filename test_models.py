@@ -452,10 +452,10 @@ def test_dlm142_run_trains_resumes_exactly_evaluates_and_samples(tiny_data, tmp_
 # ----------------------------------------------------------------------------- compare.py
 
 
-def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound="exact"):
+def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound="exact", **args):
     run_dir = root / script / name
     run_dir.mkdir(parents=True)
-    (run_dir / "args.json").write_text(json.dumps({"epochs": epochs, "lr": 0.5, "run_name": name}))
+    (run_dir / "args.json").write_text(json.dumps({"epochs": epochs, "lr": 0.5, "run_name": name, **args}))
     records = [dict(kind="train", step=1, epoch=0.5, nlpps=99.0, seq_per_s=123.0),
                dict(kind="val", step=2, epoch=1.0, nlpps=90.0, bpc=1.0, bound=bound),
                dict(kind="test", step=2, epoch=epochs, nlpps=sum(values) / len(values), bpc=1.5, bound=bound)]
@@ -468,10 +468,12 @@ def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound=
 def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
     n = 31
     a = fake_run(tmp_path, "dlm100_rnn", "a", [50.0] + [10.0 + 0.01 * i for i in range(1, n)])
-    b = fake_run(tmp_path, "dlm142_diffusion", "b", [20.0] * 3 + [1.0] + [20.0] * (n - 4), bound="elbo")
+    b = fake_run(tmp_path, "dlm142_diffusion", "b", [20.0] * 3 + [1.0] + [20.0] * (n - 4), bound="elbo",
+                 epochs=40, eval_seed=7, max_steps=5)  # run-control flags are not hyper-parameters, but epochs is
     out = tmp_path / "cmp"
     text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(out), "--top", "1"])
     assert "| dlm100_rnn/a | lr=0.5 | 7 | 20 | 11.44 | 1.5000 | exact | 123 |" in text
+    assert "| dlm142_diffusion/b | epochs=40 lr=0.5 | 7 | 40 |" in text
     assert "dlm100_rnn/a wins on 93.5% of the captions, dlm142_diffusion/b on 6.5%" in text
     captions = data.read_captions(tiny_data / "test_2016_flickr.en.gz")
     assert f"- 10.0 / 20.0  `{captions[1]}`" in text   # the largest difference in a's favour
