@@ -20,6 +20,25 @@ import torch
 LOG_2PI = math.log(2 * math.pi)
 
 
+# torch seeds are 32-bit (2**32 + s replays seed s); --seed is below 2**31, so the evaluation noise,
+# drawn from a generator of its own seeded here, never repeats a training stream for any --seed.
+EVAL_SEED = 2**31 + 1234
+
+
+def eval_generator() -> torch.Generator:
+    """The CPU generator every evaluation draws its noise from: the same draws at every evaluation,
+    independent of --seed, of the device and of where training is (so a resumed run evaluates alike)."""
+    return torch.Generator().manual_seed(EVAL_SEED)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What every script's `evaluate` returns."""
+    nll: torch.Tensor          # (N,) nats per caption: exact -log p(x), or an upper bound on it
+    bound: str                 # what `nll` is, e.g. "exact", "-elbo", "-iw64 bound"
+    extra: dict = dataclasses.field(default_factory=dict)  # more metrics (floats or lists) for metrics.jsonl
+
+
 class UserError(Exception):
     """Bad input (missing data, bad checkpoint, non-finite loss): reported in one line, exit 1."""
 
