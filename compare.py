@@ -55,14 +55,27 @@ def load_run(path: Path) -> Run:
     if not any(r["kind"] == "test" for r in metrics):
         raise UserError(f"{path}/metrics.jsonl has no test record")
     nlpps = torch.tensor([float(v) for v in (path / "test_nlpps.txt").read_text().split()])
-    params = sum(v.numel() for v in ckpt["model"].values())
+    params = ckpt.get("n_params") or sum(v.numel() for v in ckpt["model"].values())  # buffers are not parameters
     return Run(path, f"{script}/{path.name}", script, json.loads((path / "args.json").read_text()), metrics,
                nlpps, ckpt["vocab"], params)
+
+
+def data_of(run: Run) -> str:
+    """'multi30k' for the published files as data.py encodes them; else what differs (custom files, no spaces)."""
+    labels = {r.get("data", "multi30k") for r in run.metrics if r["kind"] == "test"}
+    if run.args.get("custom_data"):
+        labels.add("custom data")
+    if run.args.get("no_spaces"):
+        labels.add("spaces removed")
+    return ", ".join(sorted(labels - {"multi30k"})) or "multi30k"
 
 
 def check_comparable(runs: list[Run]) -> None:
     first = runs[0]
     for run in runs[1:]:
+        if data_of(run) != data_of(first):
+            raise UserError(f"{run.name} was scored on {data_of(run)}, {first.name} on {data_of(first)}: "
+                            "different strings, not comparable")
         if run.vocab != first.vocab:
             raise UserError(f"{run.name} and {first.name} used different vocabularies (different data): not comparable")
         if len(run.nlpps) != len(first.nlpps):
@@ -70,7 +83,7 @@ def check_comparable(runs: list[Run]) -> None:
                             "the files do not line up")
 
 
-# Run-control flags (a script's RUN_FLAGS) say how a run ran, not what it is; these few change its number.
+# Run-control flags (arg(..., run=True)) say how a run ran, not what it is; these few change its number.
 RUN_FLAGS_SHOWN = {"epochs", "dtype", "iw_samples"}
 
 
@@ -78,7 +91,7 @@ def key_hyperparameters(run: Run) -> str:
     """The settings that differ from the script's defaults, e.g. 'depth=11 lr=0.0001'."""
     try:
         script = importlib.import_module(run.script)
-        defaults, skip = dataclasses.asdict(script.Config()), script.RUN_FLAGS - RUN_FLAGS_SHOWN
+        defaults, skip = dataclasses.asdict(script.Config()), common.run_flags(script.Config) - RUN_FLAGS_SHOWN
     except (ImportError, AttributeError):
         defaults, skip = {}, set()
     diff = [f"{k}={v}" for k, v in run.args.items() if k not in skip and defaults.get(k, v) != v]
@@ -92,7 +105,7 @@ def table(runs: list[Run]) -> list[str]:
         t = run.test
         rates = [r["seq_per_s"] for r in run.metrics if r["kind"] == "train" and "seq_per_s" in r]
         rate = f"{statistics.median(rates):.0f}" if rates else "?"
-        lines.append(f"| {run.name} | {key_hyperparameters(run)} | {run.params:,} | {t['epoch']:.0f} | "
+        lines.append(f"| {run.name} | {key_hyperparameters(run)} | {run.params:,} | {t['epoch']:.3g} | "
                      f"{t['nlpps']:.2f} | {t['bpc']:.4f} | {t['bound']} | {rate} |")
     return lines
 
@@ -102,9 +115,12 @@ def pair_report(a: Run, b: Run, captions: list[str], top: int) -> list[str]:
     lines = [f"### {a.name} vs {b.name}", "",
              f"{a.name} wins on {(diff < 0).float().mean():.1%} of the captions, {b.name} on "
              f"{(diff > 0).float().mean():.1%} (mean difference {diff.mean():+.2f} nats).", ""]
-    for better, worse, order in ((a, b, torch.argsort(diff)), (b, a, torch.argsort(-diff))):
+    for better, worse, wins in ((a, b, -diff), (b, a, diff)):
+        order = torch.argsort(wins, descending=True)
+        if not (wins > 0).any():  # a model that wins nowhere has no best captions to list
+            continue
         lines += [f"Captions where {better.name} is best (nats: {better.name} / {worse.name}):", ""]
-        for i in order[:top].tolist():
+        for i in order[: min(top, int((wins > 0).sum()))].tolist():
             lines.append(f"- {better.nlpps[i]:.1f} / {worse.nlpps[i]:.1f}  `{captions[i]}`")
         lines.append("")
     return lines

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import torch
@@ -33,6 +35,12 @@ SHA256 = {
 }
 CACHE_DIR = Path(__file__).resolve().parent / ".data" / "multi30k"
 ENV_VAR = "DLM_DATA_DIR"
+
+
+def emittable(log_probs: torch.Tensor) -> torch.Tensor:
+    """log_probs (..., V) with BOS ruled out and renormalised: BOS is an input symbol only, and a sampler
+    must never write a symbol a caption cannot hold (the models give it a little mass before training)."""
+    return torch.log_softmax(log_probs.index_fill(-1, torch.tensor([BOS], device=log_probs.device), -math.inf), -1)
 
 
 class Vocab:
@@ -93,13 +101,32 @@ def find_file(name: str, data_dir: str | None = None) -> Path:
 
 
 def read_captions(path: Path) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    """The lines of a gzipped UTF-8 file; a truncated, non-gzip or non-UTF-8 file is a one-line error."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error, OSError) as e:
+        why = {EOFError: "truncated", gzip.BadGzipFile: "not a gzip file", UnicodeDecodeError: "not UTF-8 text"}
+        raise UserError(f"cannot read {path}: {why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
 
 
-def load(data_dir: str | None = None) -> tuple[Vocab, dict[str, torch.Tensor]]:
-    """Returns the vocabulary and {split: LongTensor (N, SLOTS)} for train / val / test."""
-    captions = {split: read_captions(find_file(name, data_dir)) for split, name in FILES.items()}
+def load(data_dir: str | None = None, custom: bool = False,
+         no_spaces: bool = False) -> tuple[Vocab, dict[str, torch.Tensor]]:
+    """Returns the vocabulary and {split: LongTensor (N, SLOTS)} for train / val / test.
+    Every file must match the published SHA-256 (local folders and the cache alike), so that numbers stay
+    comparable; custom=True accepts other files on purpose. no_spaces removes the spaces of every caption
+    (the segmentation papers' protocol; a different string, so a different vocabulary and NLPPS)."""
+    captions = {}
+    for split, name in FILES.items():
+        path = find_file(name, data_dir)
+        if not custom and _sha256(path) != SHA256[name]:
+            raise UserError(f"{path} is not the published {name} (SHA-256 mismatch), so its numbers would not be "
+                            "comparable; pass --custom-data to use other files on purpose")
+        captions[split] = read_captions(path)
+        if not any(line.strip() for line in captions[split]):
+            raise UserError(f"{path} holds no captions")
+    if no_spaces:
+        captions = {split: [line.replace(" ", "") for line in lines] for split, lines in captions.items()}
     vocab = Vocab([c for line in captions["train"] for c in line])
     tensors = {split: torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long)
                for split, lines in captions.items()}

@@ -1,40 +1,42 @@
-"""DLM107: a segmentation VAE. The latent variable z cuts a caption into pieces; does it learn words?
+"""DLM107: a segmental language model. Its latent variable cuts a caption into pieces: are they the words?
 
-A caption x = c_1 .. c_n (n <= 99 characters, see data.py) and its cuts z_t = "a piece ends after c_t".
-A piece is its characters followed by STOP, written into W = max_piece + 1 slots (STOP is PAD: a piece
-ends the way a caption does). A piece is cut by force when it reaches max_piece characters, and the
-caption's last character always ends a piece, in q and in p alike.
+A caption x = c_1 .. c_n (n <= 99 characters, see data.py) is a sequence of pieces, each of 1..K characters
+(K = --max-piece), then the empty piece that ends it. A piece starting after i characters depends on the
+characters before it, not on how they were cut (Kawakami, Dyer & Blunsom 2019; Sun & Deng 2018):
+    h_i = GRU(h_{i-1}, e[c_i]),  h_0 from <bos>                          (context GRU over the characters)
+    p_chars(piece | h_i) = prod_t p(c_t | c_<t, s_0 = tanh(W h_i)) * p(<pad> | all of it)   (piece GRU)
+    p(piece | h_i) = g(h_i) p_lex(piece | h_i) + (1 - g(h_i)) p_chars(piece | h_i)        (lexical memory)
+p_lex is a softmax over the M most frequent substrings of the training captions (--lexicon, lengths
+--lex-min..--lex-max), with one vector per entry. A piece ends with <pad>; <pad> as its first symbol is the
+empty piece, which ends the caption. Where a piece has room for r = min(K, 99 - i) characters only, its end
+after r characters is forced (costs nothing), p_lex is renormalised over the entries of <= r characters
+(g = 0 where none fits), and a caption of 99 characters ends by force: p is a distribution over exactly
+the strings of <= 99 characters, and (x, z) <-> pieces is one-to-one.
 
-Generative model p(x, z) = p(pieces) = prod_s p(piece_s | pieces_<s), ending with the empty piece:
-    u_s = std_norm(Linear(ReLU(Linear(concat_w e[piece_s,w]))))     (piece encoder, an MLP over the W slots)
-    h_s = std_norm(GRU(h_{s-1}, u_{s-1})),  u_{-1} = a learned start vector      (prior over pieces)
-    p(slot w of piece s = c) = softmax_c( exp(tau) <d_{s,w}, e_c> + b_c ),  d_s = Linear(ReLU(Linear(h_s)))
-The slots are independent given h_s; BOS is never a choice. A piece starting after o characters has room
-r = min(max_piece, 99 - o): slots w <= its length are scored, except slot r, which is STOP by force (no
-cost). The empty piece (STOP in slot 0) ends the caption, so the forced STOPs make p a distribution over
-exactly the captions of <= 99 characters: sum_x p(x) = sum_x sum_z p(pieces(x, z)) = 1, because (x, z)
--> pieces is one-to-one and every piece sequence p can draw is the pieces of one (x, z).
+Because a piece depends on the characters before it only, the sum over all segmentations z is a chart:
+    alpha_0 = 0,  alpha_j = logsumexp_{k=1..K} alpha_{j-k} + log p(c_{j-k+1..j} | h_{j-k})
+    log p(x) = alpha_n + log p(empty piece | h_n)                                  (exact; --inference exact)
+max instead of logsumexp gives the most likely segmentation (Viterbi); the gradient of log p(x) with
+respect to the piece scores gives the posterior probability of every piece, hence of a cut after each
+character. The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
 
-Segmenter q(z|x) = prod over characters t < n whose cut is not forced of Bernoulli(z_t; sigmoid(l_t)),
-l = Linear(GRU(x)) (causal, as the original, or bidirectional). Every drawn decision is in log q; the
-forced ones have probability 1. --segmenter spaces cuts after every space instead (DLM106): log q = 0
-and -log p(pieces) is an exact likelihood with a hand-made segmentation.
-
-    log p(x) >= ELBO = E_q[log p(x, z) - log q(z|x)],   IW-K = E log (1/K) sum_k p(x, z_k) / q(z_k|x)
-Gradients: pathwise for p; for q, REINFORCE with a leave-one-out baseline over the K samples (or a
-running mean). NLPPS = -ELBO (train, val) and -IW (test), nats per caption; an upper bound on -log p(x).
-README row:  python dlm107_vae_seg.py                 (and --segmenter spaces --run-name spaces)
+--inference reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
+after each character from a GRU (--parser causal|bi), cuts forced as in p;
+    log p(x) >= ELBO = E_q[log p(x, z) - log q(z|x)],  KL(q || p(z|x)) = log p(x) - ELBO (logged)
+with pathwise gradients for p and REINFORCE (leave-one-out baseline over --samples draws) for q.
+--segmenter spaces trains log p(x, z = the cuts after every space) (DLM106). Every reported NLPPS is the
+exact -log p(x) of the model; -ELBO, the IW bound and the joint of the spaces segmentation are extras.
+--no-spaces removes the spaces (data.py; the papers' protocol; a different string, labelled so) and
+scores the cuts against the removed spaces.
+README row:  python dlm107_vae_seg.py      (and --lexicon 0, --inference reinforce, --segmenter spaces, --no-spaces)
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,62 +47,79 @@ from common import UserError, arg
 
 SCRIPT = "dlm107_vae_seg"
 SHOWN = 4  # test captions printed with their cuts and drawn in segments.png
+NEG = -1e9  # log of an impossible piece: finite, so logsumexp never takes the gradient of -inf - -inf
 
 
 @dataclass
-class Config:
-    # model
-    embed: int = arg(128, "embedding and GRU width E", low=1)
-    segmenter: str = arg("learned", "learned q(z|x), or cut after every space (exact likelihood)", choices=("learned", "spaces"))
-    parser: str = arg("causal", "the segmenter's GRU: causal (sees c_<=t) or bidirectional", choices=("causal", "bi"))
-    max_piece: int = arg(21, "a piece reaching this many characters is cut by force (longest word + space: 21)", low=1)
-    samples: int = arg(4, "segmentations K drawn per caption for the ELBO and its gradient", low=1)
-    baseline: str = arg("loo", "REINFORCE baseline: leave-one-out over K, or a running mean per symbol", choices=("loo", "running"))
-    iw_samples: int = arg(100, "samples per caption of the importance-weighted test bound", low=1)
-    cut_init: float = arg(0.0, "initial logit of a cut (the bias of the segmenter's output)")
-    cut_cost: float = arg(0.0, "nats per drawn cut taken off q's REINFORCE reward (any q keeps the bound valid)", low=0)
-    # optimisation
-    epochs: int = arg(20, "training epochs", low=1)
-    batch_size: int = arg(100, "captions per step", low=1)
-    lr: float = arg(2e-3, "peak learning rate", low=0, low_open=True)
-    lr_schedule: str = arg("cosine", "cosine decays the lr to 10%% of its peak over training", choices=("cosine", "constant"))
-    optimizer: str = arg("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
-    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
-    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)", low=0)
-    seed: int = arg(0, "seed of the initialisation and of the data order")
-    # run control
-    device: str = arg("auto", "where to run", choices=("auto", "cuda", "mps", "cpu"))
-    dtype: str = arg("float32", "compute dtype (bfloat16 autocasts on CUDA)", choices=("float32", "bfloat16"))
-    compile: bool = arg(False, "torch.compile the model")
-    data_dir: str = arg("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
-    out_dir: str = arg("out", "runs are written to OUT_DIR/dlm107_vae_seg/RUN_NAME")
-    run_name: str = arg("default", "name of the run folder")
-    resume: bool = arg(False, "continue from the run folder's ckpt_last.pt")
-    eval_only: bool = arg(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop")
-    sample_only: bool = arg(False, "print samples from the run folder's ckpt_best.pt, then stop")
-    num_samples: int = arg(8, "samples printed and saved at each evaluation", low=0)
-    temperature: float = arg(1.0, "sampling temperature", low=0, low_open=True)
-    log_every: int = arg(50, "steps between train log lines", low=1)
-    max_steps: int = arg(0, "stop after this many steps in total (0: no limit)", low=0)
-    limit_train: int = arg(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    eval_batch_size: int = arg(500, "captions per evaluation batch", low=1)
+class Config(common.BaseConfig):
+    embed: int = arg(128, "embedding and context GRU width E", low=1)
+    piece_embed: int = arg(64, "piece-decoder GRU width D", low=1)
+    max_piece: int = arg(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
+    lexicon: int = arg(10000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
+    lex_min: int = arg(2, "shortest substring in the lexicon", low=1)
+    lex_max: int = arg(10, "longest substring in the lexicon (<= --max-piece)", low=1)
+    lex_components: int = arg(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
+    inference: str = arg("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
+                         choices=("exact", "reinforce"))
+    segmenter: str = arg("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
+                         "space only (DLM106)", choices=("learned", "spaces"))
+    parser: str = arg("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
+    samples: int = arg(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
+    iw_samples: int = arg(100, "reinforce: samples per caption of the test IW bound", low=1, run=True)
+    no_spaces: bool = arg(False, "remove the spaces (a different string: its NLPPS is labelled 'spaces removed')")
+    batch_size: int = arg(64, "captions per step", low=1)
+    eval_batch_size: int = arg(100, "captions per evaluation batch", low=1, run=True)
 
 
-# Flags that steer this run only; --resume takes every other setting from the checkpoint.
-RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run_name", "resume", "eval_only",
-             "sample_only", "num_samples", "temperature", "log_every", "max_steps", "eval_batch_size", "iw_samples"}
+CURVES_SIDE = ("segmentation (Viterbi cuts vs. words)", [("val", "f1"), ("val", "word_f1"), ("val", "cut_rate")])
+
+
+# ----------------------------------------------------------------------------- lexicon
+def build_lexicon(x, cfg):
+    """x (N, L) training captions -> (M, lex_max) ids then PAD: the M most frequent substrings (overlapping
+    occurrences counted) of lex_min..lex_max characters, ties broken by length then ids, stored by length.
+    A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
+    V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
+    if V ** cfg.lex_max >= 2 ** 64:
+        raise UserError(f"--lex-max {cfg.lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
+    for length in range(cfg.lex_min, cfg.lex_max + 1 if cfg.lexicon else 0):
+        windows = x.unfold(1, length, 1).reshape(-1, length)               # (N * (L - length + 1), length)
+        windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
+        keys = windows @ (np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64))
+        unique, counts = np.unique(keys, return_counts=True)               # in lexicographic order of the ids
+        top = np.argsort(-counts, kind="stable")[:cfg.lexicon]
+        digits = unique[top, None] // np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64) % np.uint64(V)
+        found += [(c, length, ids) for c, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
+    chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:cfg.lexicon], key=lambda f: f[1])
+    return torch.tensor([ids + [data.PAD] * (cfg.lex_max - len(ids)) for _, _, ids in chosen],
+                        dtype=torch.long).view(-1, cfg.lex_max)
+
+
+def lexicon_trie(lexicon, vocab_size):
+    """-> child (nodes, V): the node reached by reading a character (node 0: no entry starts so, absorbing;
+    node 1: the root), and entry (nodes,): the lexicon id spelled by the path to a node, or -1."""
+    children, entry = {}, [-1, -1]
+    for index, ids in enumerate(lexicon.tolist()):
+        node = 1
+        for c in ids:
+            if c == data.PAD:
+                break
+            node = children.setdefault((node, c), len(entry))
+            if node == len(entry):
+                entry.append(-1)
+        entry[node] = index
+    child = torch.zeros(len(entry), vocab_size, dtype=torch.long)
+    if children:
+        keys = torch.tensor(list(children))
+        child[keys[:, 0], keys[:, 1]] = torch.tensor(list(children.values()))
+    return child, torch.tensor(entry)
 
 
 # ----------------------------------------------------------------------------- segmentations
-def std_norm(x, eps=1e-5):
-    return x / (x.std(dim=-1, keepdim=True) + eps)
-
-
 def force_cuts(drawn, n, max_piece):
     """drawn (..., T) free draws of "cut after character t", n (...,) caption lengths -> (cuts, free): the
-    segmentation, with the forced cuts added (after each caption's last character, and where a piece reaches
-    max_piece characters), and the mask of the decisions that were really drawn (the ones log q counts).
-    Within a run of characters without a drawn cut the forced cuts fall every max_piece characters."""
+    segmentation with the forced cuts added (after each caption's last character, and where a piece reaches
+    max_piece characters), and the mask of the decisions that were really drawn (the ones log q counts)."""
     t = torch.arange(drawn.shape[-1], device=drawn.device)
     last_drawn = torch.where(drawn, t, -1).cummax(-1).values
     since = t - F.pad(last_drawn, (1, -1), value=-1)  # characters since the last drawn cut, t included
@@ -109,213 +128,338 @@ def force_cuts(drawn, n, max_piece):
     return (drawn | forced) & is_char, ~forced & is_char
 
 
-def make_pieces(x, cuts, width):
-    """x (N, T) ids, cuts (N, T) from force_cuts -> pieces (N, S, width): each piece's characters then PAD,
-    S = the most pieces + 1, so every caption's pieces are followed by the all-PAD end piece."""
-    N, T = x.shape
-    t = torch.arange(T, device=x.device)
-    piece = cuts.long().cumsum(1) - cuts.long()  # which piece each character is in
-    start = torch.where(F.pad(cuts, (1, -1), value=True), t, 0).cummax(1).values  # where that piece starts
-    S = int(cuts.sum(1).max()) + 1
-    flat = torch.full((N, S * width + 1), data.PAD, dtype=x.dtype, device=x.device)
-    # scatter every character to (piece, slot); PAD positions go to a spare last column, never onto a piece
-    flat.scatter_(1, torch.where(x != data.PAD, piece * width + t - start, S * width), x)
-    return flat[:, :-1].view(N, S, width)
+def by_end(scores, fill=NEG):
+    """scores (B, L, K) indexed by start i and length k -> (B, L, K) indexed by end j: [b, j, k-1] =
+    scores[b, j-k, k-1], the piece of k characters that ends after character j (`fill` where j < k)."""
+    B, L, K = scores.shape
+    j, k = torch.arange(L, device=scores.device)[:, None], torch.arange(1, K + 1, device=scores.device)
+    index = ((j - k).clamp(min=0) * K + k - 1).view(-1)
+    return scores.reshape(B, L * K)[:, index].view(B, L, K).masked_fill(j < k, fill)
+
+
+def chart(ends, n, viterbi=False):
+    """ends (B, L, K) from by_end -> (B,) alpha_n = log sum (max, if viterbi) over the segmentations of the
+    first n characters of the product of their pieces' probabilities; with viterbi also the (B, L) cuts."""
+    B, L, K = ends.shape
+    alpha = [ends.new_full((B,), NEG)] * (K - 1) + [ends.new_zeros(B)]  # alpha_{1-K} .. alpha_0
+    best, ends = [], ends.unbind(1)  # unbind: one backward for all j (indexing would allocate (B, L, K) per j)
+    for j in range(1, int(n.max()) + 1 if len(n) else 1):
+        scores = torch.stack(alpha[:-K - 1:-1], -1) + ends[j]  # (B, K): alpha_{j-k} + piece of k, k = 1..K
+        if viterbi:
+            value, k = scores.max(-1)
+            best.append(k + 1)
+        else:
+            value = scores.logsumexp(-1)
+        alpha.append(value)
+    at_n = torch.stack(alpha[K - 1:], 1).gather(1, n[:, None]).squeeze(1)
+    if not viterbi:
+        return at_n
+    best = torch.stack(best, 1) if best else n.new_zeros(B, 1)     # (B, max n): best length ending after j
+    cuts, pos, rows = torch.zeros(B, L, dtype=torch.bool, device=n.device), n.clone(), torch.arange(B, device=n.device)
+    while (pos > 0).any():  # walk back from the end, one piece per step
+        on = pos > 0
+        cuts[rows[on], pos[on] - 1] = True
+        pos = torch.where(on, pos - best.gather(1, (pos - 1).clamp(min=0)[:, None]).squeeze(1), pos)
+    return at_n, cuts
+
+
+def log_joint(ends, closing, n, cuts):
+    """log p(x, z) for segmentations cuts (..., B, L) (every piece <= K characters, a cut after the last one)."""
+    L, K = cuts.shape[-1], ends.shape[-1]
+    t = torch.arange(L, device=cuts.device)
+    start = torch.where(F.pad(cuts, (1, -1), value=True), t, 0).cummax(-1).values  # first character of t's piece
+    length = (t - start).clamp(max=K - 1)                                          # its length - 1 so far
+    piece = F.pad(ends[:, 1:], (0, 0, 0, 1)).expand(*cuts.shape, K).gather(-1, length.unsqueeze(-1)).squeeze(-1)
+    return torch.where(cuts, piece, 0.0).sum(-1) + closing.gather(1, n[:, None]).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- model
 class Model(nn.Module):
-    def __init__(self, vocab_size: int, space: int, cfg: Config):
+    def __init__(self, vocab_size: int, space: int, lexicon: torch.Tensor, cfg: Config):
         super().__init__()
-        E, W = cfg.embed, cfg.max_piece + 1
-        self.V, self.W, self.max_piece, self.space = vocab_size, W, cfg.max_piece, space
-        self.spaces, self.samples, self.cut_cost = cfg.segmenter == "spaces", cfg.samples, cfg.cut_cost
-        self.loo = cfg.baseline == "loo"
-        self.embed = nn.Embedding(vocab_size, E)  # generator's; also its output matrix (tied)
-        self.enc_in, self.enc_out = nn.Linear(W * E, E), nn.Linear(E, E)
-        self.start = nn.Parameter(torch.zeros(E))
-        self.prior = nn.GRU(E, E, batch_first=True)
-        self.dec_in, self.dec_out = nn.Linear(E, E), nn.Linear(E, W * E)
-        self.log_temp = nn.Parameter(torch.tensor(-0.5 * math.log(E)))  # soft first predictions, as DLM100
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        E, D = cfg.embed, cfg.piece_embed
+        self.V, self.K, self.space = vocab_size, cfg.max_piece, space
+        self.spaces, self.reinforce, self.samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.samples
+        self.embed = nn.Embedding(vocab_size, E)
+        self.context = nn.GRU(E, E, batch_first=True)
+        self.piece_init = nn.Linear(E, D)
+        self.piece_start = nn.Parameter(torch.randn(E))  # the input before a piece's first character
+        self.piece_cell = nn.GRUCell(E, D)
+        self.piece_out = nn.Linear(D, vocab_size)
         self.register_buffer("never", torch.zeros(vocab_size).index_fill(0, torch.tensor(data.BOS), -math.inf),
                              persistent=False)
-        self.register_buffer("running", torch.tensor(0.0))  # running mean of the ELBO per symbol
-        if not self.spaces:  # q has its own embedding: REINFORCE noise never reaches p's output matrix
+        self.register_buffer("lexicon", lexicon)  # (M, lex_max) saved in the checkpoint: a plain tensor
+        if len(lexicon):
+            child, entry = lexicon_trie(lexicon, vocab_size)
+            self.register_buffer("trie", child, persistent=False)
+            self.register_buffer("trie_entry", entry, persistent=False)
+            self.register_buffer("lex_len", (lexicon != data.PAD).sum(1), persistent=False)
+            self.lex_mix = nn.Linear(E, cfg.lex_components)
+            self.lex_logits = nn.Parameter(torch.randn(cfg.lex_components, len(lexicon)))
+            self.gate = nn.Linear(E, 1)
+        if self.reinforce:  # q has its own embedding: REINFORCE noise never reaches p's
             self.seg_embed = nn.Embedding(vocab_size, E)
             self.seg_rnn = nn.GRU(E, E, batch_first=True, bidirectional=cfg.parser == "bi")
             self.cut = nn.Linear(E * (2 if cfg.parser == "bi" else 1), 1)
-            nn.init.constant_(self.cut.bias, cfg.cut_init)
 
-    def encode(self, pieces):
-        """pieces (M, W) -> (M, E). Linear(concat_w e[piece_w]) = sum_w table[w, piece_w]: a (W, V, E) lookup
-        summed by embedding_bag, never an (M, W*E) matrix."""
-        E = self.embed.weight.shape[1]
-        table = torch.einsum("fwe,ve->wvf", self.enc_in.weight.view(E, self.W, E), self.embed.weight)
-        index = pieces + torch.arange(self.W, device=pieces.device) * self.V
-        hidden = F.embedding_bag(index, table.reshape(-1, E), mode="sum") + self.enc_in.bias
-        return std_norm(self.enc_out(F.relu(hidden)))
+    def contexts(self, x):
+        """x (B, L) -> (B, L, E): h_i, the context GRU's state after <bos> and i characters."""
+        return self.context(self.embed(torch.cat([torch.full_like(x[:, :1], data.BOS), x[:, :-1]], 1)))[0]
 
-    def slot_logits(self, h):
-        """h (M, E) prior states -> a (M, E) and tables (W, E, V), (W, V) with logits of slot w = a @ table[w] +
-        bias[w]: exp(tau) <d_w, e_c> + b_c without ever building the (M, W, E) slot vectors d."""
-        E, scale = self.embed.weight.shape[1], torch.exp(self.log_temp)
-        table = torch.einsum("wfe,vf->wev", self.dec_out.weight.view(self.W, E, E), self.embed.weight * scale)
-        bias = self.dec_out.bias.view(self.W, E) @ self.embed.weight.t() * scale + self.bias + self.never  # BOS: -inf
-        return F.relu(self.dec_in(h)), table, bias
+    def lexicon_log_probs(self, h, room):
+        """h (P, E), room (P,) -> log pi (P, C), log q_c(entry) renormalised over the entries of <= room characters
+        (P, C, M) as a callable on entry ids, and log g, log (1 - g) (P,) (g = 0 where no entry fits).
+        p_lex(e | h) = sum_c pi_c(h) q_c(e): a mixture of C context-free softmaxes, so the normalisers are
+        computed once per batch, (K + 1, C), not once per start and entry (a (P, M) softmax cost ~10x more)."""
+        r = torch.arange(self.K + 1, device=h.device)
+        log_norm = self.lex_logits.masked_fill(self.lex_len > r[:, None, None], NEG).logsumexp(-1)  # (K+1, C)
+        log_pi = F.log_softmax(self.lex_mix(h), -1) - log_norm[room]                                # (P, C)
+        fits, gate = room >= self.lex_len.min(), self.gate(h).squeeze(-1)
+        return log_pi, torch.where(fits, F.logsigmoid(gate), NEG), torch.where(fits, F.logsigmoid(-gate), 0.0)
 
-    def log_joint(self, x, cuts):
-        """x (N, slots) ids, cuts (N, slots) -> (N,) log p(pieces(x, cuts)); p draws captions of < slots characters.
-        The prior runs over S = the most pieces + 1 steps; only pieces up to each end piece are decoded."""
-        pieces = make_pieces(x, cuts, self.W)                                 # (N, S, W)
-        N, S, _ = pieces.shape
-        length = (pieces != data.PAD).sum(-1)                                 # (N, S) characters
-        room = (x.shape[1] - 1 - (length.cumsum(1) - length)).clamp(max=self.max_piece)  # characters it may hold
-        s = torch.arange(S, device=x.device)
-        is_piece, scored_piece = s < cuts.sum(1, keepdim=True), s <= cuts.sum(1, keepdim=True)
-        u = self.start.new_zeros(N, S, self.start.shape[0])
-        if is_piece.any():  # (not for a batch of empty captions)
-            u[is_piece] = self.encode(pieces[is_piece]).to(u.dtype)  # (autocast may give bfloat16)
-        inputs = torch.cat([self.start.expand(N, 1, -1), u[:, :-1]], dim=1)  # piece s is predicted from < s
-        a, table, bias = self.slot_logits(std_norm(self.prior(inputs)[0][scored_piece]))  # a: (M, E)
-        target, length, room = pieces[scored_piece], length[scored_piece], room[scored_piece]
-        w = torch.arange(self.W, device=x.device)
-        scored = (w <= length.unsqueeze(1)) & (w < room.unsqueeze(1))  # slot `room` is STOP by force
-        per_piece = a.new_zeros(len(a), dtype=self.bias.dtype)  # the parameters' (autocast: not bfloat16)
-        for slot in range(int(scored.any(0).sum())):  # slot by slot, decoding only the pieces that reach it
-            rows = scored[:, slot].nonzero().squeeze(1)
-            log_p = F.log_softmax(torch.addmm(bias[slot], a[rows], table[slot]), dim=-1, dtype=per_piece.dtype)
-            per_piece = per_piece.index_add(0, rows, log_p.gather(1, target[rows, slot, None]).squeeze(1))
-        return per_piece.new_zeros(N, S).masked_scatter(scored_piece, per_piece).sum(1)
+    def lexicon_ids(self, windows):
+        """windows (P, K) characters -> (P, K) lexicon id of the first k characters, or -1: a walk down the trie."""
+        node, ids = torch.ones_like(windows[:, 0]), []
+        for t in range(windows.shape[1]):
+            node = self.trie[node, windows[:, t]]
+            ids.append(self.trie_entry[node])
+        return torch.stack(ids, 1)
 
+    def piece_states(self, x, live, h):
+        """The piece GRU's state after each character of every window: (P, K, D), started from tanh(W h_i) with
+        the input piece_start, then c_{i+1} .. c_{i+K-1}. GRUCell's equations written out, so that the input
+        half, W_i e[c] + b_i, is computed once per character of the caption, not once per window."""
+        cell, K = self.piece_cell, self.K
+        gates_in = F.linear(self.embed(F.pad(x, (0, K))), cell.weight_ih, cell.bias_ih)    # (B, L+K, 3D)
+        b, i = live.nonzero(as_tuple=True)
+        gates_in = gates_in[b[:, None], i[:, None] + torch.arange(K - 1, device=x.device)]  # (P, K-1, 3D)
+        start = F.linear(self.piece_start, cell.weight_ih, cell.bias_ih).expand(len(b), -1)
+        s, states = torch.tanh(self.piece_init(h)), []
+        for gates in [start] + list(gates_in.unbind(1)):
+            in_r, in_z, in_n = gates.chunk(3, -1)
+            h_r, h_z, h_n = F.linear(s, cell.weight_hh, cell.bias_hh).chunk(3, -1)
+            r, z = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
+            s = torch.lerp(torch.tanh(in_n + r * h_n), s, z)  # (1 - z) n + z s
+            states.append(s)
+        return torch.stack(states, 1)
+
+    def piece_scores(self, x):
+        """x (B, L) -> scores (B, L, K): log p(piece c_{i+1..i+k} | h_i) at [b, i, k-1] (NEG past the caption's
+        end), and closing (B, L): log p(empty piece | h_i) (0 at i = L-1: the end is forced there)."""
+        B, L = x.shape
+        n, i, k = data.num_chars(x), torch.arange(L, device=x.device), torch.arange(1, self.K + 1, device=x.device)
+        room = (L - 1 - i).clamp(max=self.K)                                     # (L,) characters a piece may hold
+        live = (i <= n[:, None]) & (room > 0)                                    # (B, L) starts decoded
+        windows = F.pad(x, (0, self.K), value=data.PAD).unfold(1, self.K, 1)[:, :L][live]  # (P, K)
+        h, room = self.contexts(x)[live], room.expand(B, L)[live]               # (P, E), (P,)
+        log_p = F.log_softmax(self.piece_out(self.piece_states(x, live, h)) + self.never, -1)     # (P, K, V)
+        chars, stop = log_p.gather(-1, windows.unsqueeze(-1)).squeeze(-1), log_p[..., data.PAD]    # (P, K) each
+        pieces = chars.cumsum(-1) + torch.where(k < room[:, None], F.pad(stop[:, 1:], (0, 1)), 0.0)
+        empty = stop[:, 0]
+        if len(self.lexicon):
+            log_pi, log_g, log_not_g = self.lexicon_log_probs(h, room)
+            ids = self.lexicon_ids(windows)
+            hit = ids >= 0
+            lex = torch.full_like(pieces, NEG)  # log p_lex of the windows that are entries: (hits, C) -> (P, K)
+            lex[hit] = (log_pi[hit.nonzero()[:, 0]] + self.lex_logits.t()[ids[hit]]).logsumexp(-1)
+            pieces = torch.logaddexp(log_g[:, None] + lex, log_not_g[:, None] + pieces)
+            empty = log_not_g + empty
+        scores = pieces.new_full((B, L, self.K), NEG)
+        scores[live] = pieces
+        scores = scores.masked_fill(i[:, None] + k > n[:, None, None], NEG)
+        closing = pieces.new_full((B, L), NEG)
+        closing[live] = empty
+        closing[:, -1] = 0.0
+        return scores, closing
+
+    def log_prob(self, x):
+        """x (B, L) -> (B,) exact log p(x), and what it was computed from (by_end scores, closing, n)."""
+        scores, closing = self.piece_scores(x)
+        ends, n = by_end(scores), data.num_chars(x)
+        return chart(ends, n) + closing.gather(1, n[:, None]).squeeze(1), (scores, ends, closing, n)
+
+    # --- the segmenter q(z|x) of --inference reinforce
     def cut_logits(self, x):
-        """x (B, slots) -> (B, slots) logit of a cut after each character. Always over all the slots, so the
-        bidirectional GRU reads the same PADs before a caption's end whatever batch it is in."""
+        """x (B, L) -> (B, L) logit of a cut after each character."""
         return self.cut(self.seg_rnn(self.seg_embed(x))[0]).squeeze(-1)
 
     def draw_cuts(self, x, k, generator=None, drawn=None, greedy=False):
-        """x (B, T) -> cuts (k, B, T) from q (or `drawn` (k, B, T); or the most likely decision at every
-        character if greedy), the mask of drawn decisions, log q(cuts|x) (k, B) and the logits (k, B, T)."""
-        n = data.num_chars(x)
-        if self.spaces:
-            cuts, free = force_cuts((x == self.space).expand(k, -1, -1), n, self.max_piece)
-            return cuts, free, x.new_zeros(cuts.shape[:2], dtype=torch.float), None
+        """x (B, L) -> cuts (k, B, L) from q (or `drawn`; or q's likelier decision at each character if greedy)
+        and log q(cuts|x) (k, B). Noise from the CPU RNG: a checkpoint's torch_rng replays it."""
         logits = self.cut_logits(x).expand(k, -1, -1)
         if greedy:
             drawn = logits > 0
-        elif drawn is None:  # noise from the CPU RNG: the checkpoint's torch_rng replays it on any device
+        elif drawn is None:
             drawn = torch.rand(logits.shape, generator=generator).to(x.device) < logits.sigmoid()
-        cuts, free = force_cuts(drawn, n, self.max_piece)
+        cuts, free = force_cuts(drawn, data.num_chars(x), self.K)
         log_q = -F.binary_cross_entropy_with_logits(logits, cuts.to(logits.dtype), reduction="none")
-        return cuts, free, torch.where(free, log_q, 0.0).sum(-1), logits
-
-    def elbo_terms(self, x, k, generator=None, drawn=None):
-        """x (B, slots) -> log p(x, z_k) and log q(z_k|x), both (k, B), for k segmentations z_k ~ q(z|x),
-        with the cuts (k, B, slots) and the cut logits."""
-        cuts, free, log_q, logits = self.draw_cuts(x, k, generator, drawn)
-        # score each distinct (caption, segmentation) once: a confident q draws the same one K times
-        keys = torch.cat([torch.arange(len(x), device=x.device).repeat(k).unsqueeze(1), cuts.flatten(0, 1).long()], 1)
-        keys, index = torch.unique(keys, dim=0, return_inverse=True)
-        log_p = self.log_joint(x[keys[:, 0]], keys[:, 1:].bool())[index].view(k, -1)
-        return log_p, log_q, cuts, free, logits
+        return cuts, torch.where(free, log_q, 0.0).sum(-1)
 
     def loss(self, x, drawn=None):
-        """x (B, slots) -> (B,) -ELBO from K segmentations per caption, and the step's statistics. The gradient:
-        pathwise for p; for q, REINFORCE mean_k (f_k - b_k) grad log q(z_k|x), f = log p(x, z) - log q(z|x)
-        (the term -grad log q(z_k|x) has expectation zero and only adds variance: left out)."""
-        k = 1 if self.spaces else self.samples
-        log_p, log_q, cuts, free, logits = self.elbo_terms(x, k, drawn=drawn)
-        counts = segment_counts(x, cuts, cuts[0], self.space)
-        stats = dict(cut_rate=counts[0] / counts[1].clamp(min=1))
+        """x (B, L) -> (B,) training loss: -log p(x) (exact), -log p(x, z_spaces) (spaces), or the -ELBO estimate
+        from K draws of q (reinforce; gradient pathwise for p, REINFORCE with a leave-one-out baseline for q)."""
+        n = data.num_chars(x)
+        if not (self.spaces or self.reinforce):
+            return -self.log_prob(x)[0]
+        scores, closing = self.piece_scores(x)
+        ends = by_end(scores)
         if self.spaces:
-            return -log_p[0], stats
-        f, symbols = (log_p - log_q).detach(), data.num_chars(x) + 1
-        f = f - self.cut_cost * (cuts & free).sum(-1)  # shapes q only: the value returned stays -ELBO
-        if self.loo:
-            surrogate = common.reinforce_surrogate(log_q, f)
-        else:  # a running mean of the ELBO per symbol, times the caption's symbols
-            surrogate = ((f - self.running * symbols) * log_q).mean(0)
-            if self.training:
-                self.running.lerp_((f / symbols).mean(), 0.01)
-        if k > 1 and torch.is_grad_enabled():  # per-sample gradients w.r.t. the cut logits, read off by autograd
-            per_sample = torch.autograd.grad(surrogate.sum(), logits, retain_graph=True)[0] * k  # (k, B, T)
-            stats["grad_var"] = (per_sample.var(0) / k).sum(-1).mean()  # variance of the K-sample estimate
-        return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach()), stats
+            return -log_joint(ends, closing, n, force_cuts(x == self.space, n, self.K)[0])
+        cuts, log_q = self.draw_cuts(x, self.samples, drawn=drawn)
+        log_p = log_joint(ends, closing, n, cuts)                                        # (k, B)
+        surrogate = common.reinforce_surrogate(log_q, (log_p - log_q).detach())
+        return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach())
 
 
-def segment_counts(x, cuts, best, space):
-    """x (B, slots), drawn cuts (k, B, slots), most likely cuts (B, slots) -> sums of: drawn cuts and decisions,
-    pieces and characters (per sample); boundaries of `best` that are gold, all of them, and gold ones. Gold =
-    a cut after a space (as --segmenter spaces). A cut after a caption's last character is not a decision."""
+def build_model(vocab, train, cfg):
+    if cfg.lex_max > cfg.max_piece or cfg.lex_min > cfg.lex_max:
+        raise UserError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {cfg.lex_max}, {cfg.max_piece}")
+    if cfg.segmenter == "spaces" and (cfg.inference == "reinforce" or cfg.no_spaces):
+        raise UserError("--segmenter spaces cuts after the spaces: not with --inference reinforce or --no-spaces")
+    return Model(len(vocab), vocab.stoi.get(" ", -1), build_lexicon(train, cfg), cfg)
+
+
+# ----------------------------------------------------------------------------- segmentation scores
+def removed_spaces(split, cfg):
+    """--no-spaces: (N, SLOTS) bool, a space followed character t of the caption as data.py encodes it."""
+    gold = torch.zeros(len(lines := data.read_captions(data.find_file(data.FILES[split], cfg.data_dir or None))),
+                       data.SLOTS, dtype=torch.bool)
+    for row, line in enumerate(lines):
+        t = -1
+        for c in line:
+            if c != " ":
+                t += 1
+            elif 0 <= t < data.SLOTS:
+                gold[row, t] = True
+    return gold
+
+
+def segmentation_counts(x, cuts, space, gold=None):
+    """x (B, L), cuts (B, L) -> counts of inner cuts (not after the last character), decisions, pieces, boundary
+    hits, gold boundaries, word hits, predicted and gold words. Gold: the removed spaces (gold, --no-spaces), or
+    the spaces of x: a cut just before or just after a space marks it, each space counted once and each cut
+    given to one space (a space with cuts on both sides: one hit and one false cut). Words: the spans between
+    boundaries in the string without spaces (a word is right when both its ends are)."""
     n = data.num_chars(x)
-    inner = torch.arange(x.shape[1], device=x.device) < n.unsqueeze(1) - 1
-    gold = (x == space) & inner
-    return torch.stack([(cuts & inner).sum() / len(cuts), inner.sum(), cuts.sum() / len(cuts), n.sum(),
-                        (best & gold).sum(), (best & inner).sum(), gold.sum()]).double().cpu()
+    inner = torch.arange(x.shape[1], device=x.device) < n[:, None] - 1
+    cut = cuts & inner
+    if gold is None:
+        is_space = x == space
+        after_prev = F.pad(cut & ~is_space, (1, -1))               # a cut just before character t
+        gold_b, hit = is_space & inner & F.pad(inner, (1, -1)), None
+        hit = gold_b & ((cut & is_space) | after_prev)
+        position = (~is_space & (x != data.PAD)).long().cumsum(1)  # characters without spaces up to t
+    else:
+        gold_b = gold & inner
+        hit, position = cut & gold_b, torch.arange(1, x.shape[1] + 1, device=x.device).expand_as(x)
+    word_hits = words = gold_words = 0
+    for p, c, g, m in zip(position.tolist(), cut.tolist(), gold_b.tolist(), position.gather(1, (n - 1).clamp(min=0)[:, None]).tolist()):
+        spans = [sorted({0, m[0]} | {p[t] for t in range(len(p)) if flags[t]}) for flags in (c, g)]
+        pred, true = [set(zip(s[:-1], s[1:])) for s in spans]
+        word_hits, words, gold_words = word_hits + len(pred & true), words + len(pred), gold_words + len(true)
+    return torch.tensor([cut.sum(), inner.sum(), cuts.sum(), n.sum(), hit.sum(), gold_b.sum(), word_hits,
+                         words, gold_words], dtype=torch.float64)
 
 
-def segment_stats(counts):
-    cuts, decisions, pieces, chars, hits, predicted, gold = counts.tolist()
-    precision, recall = hits / max(predicted, 1), hits / max(gold, 1)
-    return dict(cut_rate=cuts / max(decisions, 1), piece_len=chars / max(pieces, 1), precision=precision,
-                recall=recall, f1=2 * hits / max(predicted + gold, 1))
+def segmentation_stats(counts, prefix=""):
+    cuts, decisions, pieces, chars, hits, gold, word_hits, words, gold_words = counts.tolist()
+    p, r = hits / max(cuts, 1), hits / max(gold, 1)
+    wp, wr = word_hits / max(words, 1), word_hits / max(gold_words, 1)
+    return {prefix + k: v for k, v in dict(
+        cut_rate=cuts / max(decisions, 1), piece_len=chars / max(pieces, 1), precision=p, recall=r,
+        f1=2 * hits / max(cuts + gold, 1), word_precision=wp, word_recall=wr,
+        word_f1=2 * word_hits / max(words + gold_words, 1)).items()}
 
 
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
-def evaluate(model, x, cfg, device, samples):
-    """(N,) -ELBO and (N,) -IW bound from `samples` segmentations per caption (file order), and the
-    segmentation statistics. Its own RNG with a fixed seed: evaluating never shifts the training RNG."""
+def evaluate(model, x, cfg, device, final=True, gold=None):
+    """Exact -log p(x) per caption (file order), and the Viterbi segmentation scored against the words (gold:
+    the removed spaces with --no-spaces). reinforce adds -ELBO (--samples draws), on the final (test)
+    evaluation the IW bound (--iw-samples), KL(q || p(z|x)) and q's segmentation; spaces adds its joint."""
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    elbo, iw, counts = [], [], 0
-    for batch in data.batches(x, cfg.eval_batch_size):
-        batch, f = batch.to(device), []
-        for i in range(0, samples, cfg.samples):  # K samples at a time: memory as in training
-            log_p, log_q, cuts, _, _ = model.elbo_terms(batch, min(cfg.samples, samples - i), generator)
-            f.append((log_p - log_q).float().cpu())
-        f = torch.cat(f)
-        elbo.append(-f.mean(0))
-        iw.append(-common.logmeanexp(f, dim=0))
-        best = model.draw_cuts(batch, 1, greedy=True)[0][0]  # (B, slots) the most likely cuts
-        counts = counts + segment_counts(batch, cuts, best, model.space)
+    generator, nll, extra = common.eval_generator(), [], {}
+    counts = {"": 0, "q_": 0}
+    for start in range(0, len(x), cfg.eval_batch_size):
+        batch = x[start:start + cfg.eval_batch_size].to(device)
+        log_px, (scores, ends, closing, n) = model.log_prob(batch)
+        best = chart(ends, n, viterbi=True)[1]
+        nll.append(-log_px.double().cpu())
+        g = None if gold is None else gold[start:start + len(batch)].to(device)
+        counts[""] = counts[""] + segmentation_counts(batch, best, model.space, g)
+        if model.spaces:
+            joint = log_joint(ends, closing, n, force_cuts(batch == model.space, n, model.K)[0])
+            extra["joint_nlpps"] = extra.get("joint_nlpps", 0.0) - joint.sum().item()
+        if model.reinforce:
+            f = []
+            for i in range(0, cfg.iw_samples if final else cfg.samples, cfg.samples):
+                cuts, log_q = model.draw_cuts(batch, cfg.samples, generator)
+                f.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
+            f = torch.cat(f)
+            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:cfg.samples].mean(0).sum().item()
+            if final:
+                extra["iw_nlpps"] = extra.get("iw_nlpps", 0.0) - common.logmeanexp(f, 0).sum().item()
+            counts["q_"] = counts["q_"] + segmentation_counts(batch, model.draw_cuts(batch, 1, greedy=True)[0][0],
+                                                              model.space, g)
     model.train()
-    return torch.cat(elbo), torch.cat(iw), segment_stats(counts)
+    nll = torch.cat(nll)
+    extra = {k: v / len(x) for k, v in extra.items()}
+    if model.reinforce:
+        extra["kl_gap"] = extra["elbo_nlpps"] - nll.mean().item()
+        extra.update(segmentation_stats(counts["q_"], "q_"))
+    extra.update(segmentation_stats(counts[""]))
+    return common.Evaluation(nll, "exact", extra)
 
 
 @torch.no_grad()
 def sample(model, n, temperature, device, generator, slots=data.SLOTS):
-    """Ancestral sampling, one piece at a time. A piece's W slots are drawn at once (independent given the
-    prior state); the piece is its characters before the first STOP, or before its room runs out. An empty
-    piece ends the caption. Returns captions (n, slots) and their cuts (n, slots)."""
+    """Ancestral sampling, piece by piece: the gate picks the lexicon (one entry that fits) or the piece GRU
+    (characters until <pad> or the forced end); the context GRU then reads the piece. An empty piece, or
+    99 characters, ends a caption. Returns captions (n, slots) and their cuts (n, slots)."""
     model.eval()
+    def draw(logits):
+        probs = torch.softmax(logits.float() / temperature, -1).cpu()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+
     x = torch.full((n, slots + 1), data.PAD, dtype=torch.long, device=device)  # + a spare column for non-writes
     cuts = torch.zeros(n, slots + 1, dtype=torch.bool, device=device)
-    offset, done = torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-    inputs, h, w = model.start.expand(n, 1, -1), None, torch.arange(model.W, device=device)
-    for _ in range(slots):  # at most slots - 1 pieces, then the end piece
-        out, h = model.prior(inputs, h)
-        a, table, bias = model.slot_logits(std_norm(out[:, 0]))
-        probs = torch.softmax((torch.einsum("ne,wev->nwv", a, table) + bias) / temperature, dim=-1)  # (n, W, V)
-        piece = torch.multinomial(probs.view(-1, model.V).cpu(), 1, generator=generator).view(n, -1).to(device)
-        room = (slots - 1 - offset).clamp(max=model.max_piece)
-        length = torch.where(done, 0, ((piece == data.PAD) | (w >= room.unsqueeze(1))).int().argmax(1))
-        piece = torch.where(w < length.unsqueeze(1), piece, data.PAD)
-        x.scatter_(1, torch.where(w < length.unsqueeze(1), offset.unsqueeze(1) + w, slots), piece)
-        cuts[torch.arange(n, device=device), torch.where(length > 0, offset + length - 1, slots)] = True
-        offset, done = offset + length, done | (length == 0)
+    pos, done, rows = torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device), torch.arange(n, device=device)
+    out, state = model.context(model.embed(torch.full((n, 1), data.BOS, device=device)))
+    h = out[:, 0]
+    while True:
+        room = (slots - 1 - pos).clamp(max=model.K)
+        done |= room == 0
         if done.all():
             break
-        inputs = model.encode(piece).unsqueeze(1)
+        piece, length = torch.full((n, model.K), data.PAD, dtype=torch.long, device=device), torch.zeros_like(pos)
+        chars = ~done
+        if len(model.lexicon):
+            g = torch.where(room >= model.lex_len.min(), (model.gate(h).squeeze(-1) / temperature).sigmoid(), 0.0)
+            use = ~done & (torch.rand(n, generator=generator).to(device) < g)
+            component = draw(F.log_softmax(model.lex_mix(h), -1))  # then an entry that fits from q_component
+            entry = draw(model.lex_logits[component].masked_fill(model.lex_len > room[:, None], NEG))
+            piece[use, :model.lexicon.shape[1]] = model.lexicon[entry[use]]
+            length, chars = torch.where(use, model.lex_len[entry], 0), chars & ~use
+        s, inputs = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1)
+        for t in range(model.K):  # the piece GRU, for the captions that took it; its end at `room` is forced
+            chars &= t < room
+            if not chars.any():
+                break
+            s = model.piece_cell(inputs, s)
+            symbol = draw(model.piece_out(s) + model.never)
+            done |= chars & (symbol == data.PAD) & (t == 0)  # the empty piece ends the caption
+            chars &= symbol != data.PAD
+            piece[chars, t], length = symbol[chars], length + chars
+            inputs = model.embed(symbol)
+        for t in range(int(length.max())):  # write the piece and let the context GRU read it
+            on = t < length
+            x[rows, torch.where(on, pos + t, slots)] = piece[:, t]
+            out, new = model.context(model.embed(piece[:, t:t + 1]), state)
+            state, h = torch.where(on[None, :, None], new, state), torch.where(on[:, None], out[:, 0], h)
+        cuts[rows, torch.where(length > 0, pos + length - 1, slots)] = True
+        pos += length
     model.train()
     return x[:, :slots], cuts[:, :slots]
-
-
-# ----------------------------------------------------------------------------- main
-def report(run_dir, text):
-    print(text, flush=True)
-    with open(run_dir / "log.txt", "a") as f:
-        f.write(text + "\n")
 
 
 def with_cuts(vocab, ids, cuts):
@@ -324,172 +468,114 @@ def with_cuts(vocab, ids, cuts):
     return "".join(vocab.decode(ids[t:t + 1]) + ("|" if cuts[t] and t < n - 1 else "") for t in range(n))
 
 
+def eval_split(model, vocab, splits, split, cfg, device, run, step, epoch):
+    t0 = time.time()
+    gold = removed_spaces(split, cfg) if cfg.no_spaces else None
+    ev = evaluate(model, splits[split], cfg, device, final=split == "test", gold=gold)
+    run.report_eval(split, ev, splits[split], step, epoch, time.time() - t0)
+    return ev
+
+
 @torch.no_grad()
-def write_samples(model, cfg, vocab, device, run_dir, epoch, shown):
-    if cfg.num_samples == 0:
-        return
+def write_samples(model, vocab, splits, cfg, device, run, epoch):
+    """Samples with their pieces, the first test captions cut by Viterbi, and segments.png: the posterior
+    probability of a cut after each of their characters."""
     generator = torch.Generator().manual_seed(cfg.seed + epoch)  # own RNG: sampling never shifts training
-    texts = [with_cuts(vocab, *s) for s in zip(*sample(model, cfg.num_samples, cfg.temperature, device, generator))]
-    shown = shown.to(device)
-    segmented = [with_cuts(vocab, *s) for s in zip(shown, model.draw_cuts(shown, 1, generator)[0][0])]
-    with open(run_dir / "samples.txt", "a") as f:
-        f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(t + "\n" for t in texts)
-                + "# test captions cut by q\n" + "".join(t + "\n" for t in segmented))
-    for t in texts:
-        report(run_dir, f"[SAMPLE] {t}")
-    for t in segmented:
-        report(run_dir, f"[SEGMENT] {t}")
-    plot_segments(model, vocab, shown, run_dir)
+    lines = [f"[SAMPLE] {with_cuts(vocab, *s)}" for s in zip(*sample(model, cfg.show_samples, cfg.temperature,
+                                                                       device, generator))] if cfg.show_samples else []
+    shown = splits["test"][:SHOWN].to(device)
+    model.eval()
+    _, (scores, ends, _, n) = model.log_prob(shown)
+    best = chart(ends, n, viterbi=True)[1]
+    with torch.enable_grad():
+        scores = scores.detach().requires_grad_()
+        (piece_probs,) = torch.autograd.grad(chart(by_end(scores), n).sum(), scores)
+    cut_probs = F.pad(by_end(piece_probs, fill=0.0).sum(-1)[:, 1:], (0, 1))  # (B, L): a cut after character t
+    model.train()
+    run.write_samples(lines + [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)], epoch)
+    plot_segments(vocab, shown, cut_probs, best, run.dir)
 
 
-def plot_segments(model, vocab, shown, run_dir):
-    """segments.png: q's probability of a cut after each character of a few test captions."""
+def plot_segments(vocab, shown, cut_probs, best, folder):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probs = (shown == model.space).float() if model.spaces else model.cut_logits(shown).sigmoid()
     fig, axes = plt.subplots(len(shown), 1, figsize=(14, 1.8 * len(shown)), squeeze=False)
-    for ax, ids, p in zip(axes[:, 0], shown, probs.cpu()):
+    for ax, ids, p, cuts in zip(axes[:, 0], shown.cpu(), cut_probs.cpu(), best.cpu()):
         chars = [vocab.decode(ids[t:t + 1]) for t in range(int(data.num_chars(ids[None])))]
         ax.bar(range(len(chars)), p[:len(chars)], color=["tab:orange" if c == " " else "tab:blue" for c in chars])
+        ax.plot([t for t in range(len(chars)) if cuts[t]], [1.02] * int(cuts.sum()), "kv", markersize=3)
         ax.set_xticks(range(len(chars)), [c.replace(" ", "_") for c in chars], fontsize=7)
-        ax.set(ylim=(0, 1), xlim=(-1, data.SLOTS - 1), ylabel="p(cut)")
-    axes[0, 0].set_title("q: probability of a cut after each character (orange: a space)")
+        ax.set(ylim=(0, 1.08), xlim=(-1, data.SLOTS - 1), ylabel="p(cut)")
+    axes[0, 0].set_title("posterior probability of a cut after each character (orange: a space; v: Viterbi cuts)")
     fig.tight_layout()
-    fig.savefig(run_dir / "segments.png", dpi=100)
+    fig.savefig(folder / "segments.png", dpi=100)
     plt.close(fig)
 
 
-def eval_split(model, splits, split, cfg, device, run_dir, step, epoch):
-    samples = 1 if cfg.segmenter == "spaces" else cfg.iw_samples if split == "test" else cfg.samples
-    elbo, iw, seg = evaluate(model, splits[split], cfg, device, samples)
-    bounds = ([("exact", elbo)] if cfg.segmenter == "spaces" else
-              [("elbo", elbo)] + ([(f"iw-{samples}", iw)] if split == "test" else []))
-    for bound, nll in bounds:  # the tightest last
-        nlpps = nll.mean().item()
-        bpc = common.bits_per_char(nlpps, data.num_chars(splits[split]).float().mean().item())
-        report(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} ({bound})"
-                        f" | cut rate {seg['cut_rate']:.3f} | piece len {seg['piece_len']:.2f} | boundary P/R/F1 "
-                        f"{seg['precision']:.3f}/{seg['recall']:.3f}/{seg['f1']:.3f}")
-        common.log_metrics(run_dir, dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, **seg))
-    if split == "test":  # per caption, file order: compare.py lines models up caption by caption
-        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
-    return nll
-
-
-def make_checkpoint(model, optimizer, cfg, vocab, step, epoch_rng, best_val):
-    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                args=dataclasses.asdict(cfg), vocab=vocab.itos, epoch_rng=epoch_rng,
-                torch_rng=torch.get_rng_state(), best_val=best_val)
-
-
+# ============================================================================= the loop
+# From this line to the end of the file the text is the same in every script of the family (a test checks
+# it): the model above provides build_model, Model.loss, eval_split, write_samples and CURVES_SIDE.
 def run(argv=None):
-    cfg, given = common.parse_config(Config, __doc__, argv)
-    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
-    ckpt = None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = common.load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"), SCRIPT)
-        kept = {k: v for k, v in ckpt["args"].items() if k not in RUN_FLAGS and k not in given}
-        cfg = dataclasses.replace(cfg, **kept)
-    if cfg.segmenter == "learned" and cfg.baseline == "loo" and cfg.samples < 2:
-        raise UserError("the leave-one-out baseline needs --samples 2 or more (or --baseline running)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, run = common.open_run(Config, SCRIPT, __doc__, argv)  # flags, the run folder (locked), its checkpoint
     device = common.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-
-    vocab, splits = data.load(cfg.data_dir or None)
-    if ckpt is not None and ckpt["vocab"] != vocab.itos:
-        raise UserError("the checkpoint's vocabulary differs from this data's: wrong --data-dir?")
+    vocab, splits = data.load(cfg.data_dir or None, cfg.custom_data, getattr(cfg, "no_spaces", False))
     train = splits["train"][: cfg.limit_train or None]
-    model = Model(len(vocab), vocab.stoi.get(" ", -1), cfg).to(device)
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                 if cfg.optimizer == "adamw" else torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01))
+    model = build_model(vocab, train, cfg).to(device)
+    optimizer = common.make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed)  # data order
-    step, best_val = 0, math.inf
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        generator.set_state(ckpt["epoch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+    step, best_val = run.restore(model, optimizer, generator, vocab)
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    n_params = sum(p.numel() for p in model.parameters())
-    shown = splits["test"][:SHOWN]
 
     if cfg.sample_only:
-        write_samples(model, cfg, vocab, device, run_dir, step // steps_per_epoch, shown)
-        return
+        return write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
     if cfg.eval_only:
         for split in ("val", "test"):
-            eval_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
+            eval_split(model, vocab, splits, split, cfg, device, run, step, step / steps_per_epoch)
         return
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    report(run_dir, f"{SCRIPT} | {n_params:,} parameters | {len(train):,} training captions | {device} | "
-                    f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-
-    def lr_at(step):
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
-
-    ckpt_last, ckpt_best = run_dir / "ckpt_last.pt", run_dir / "ckpt_best.pt"
+    run.start(model, train, device, steps_per_epoch, total_steps, step)
     while step < total_steps and not (cfg.max_steps and step >= cfg.max_steps):
         epoch = step // steps_per_epoch
         epoch_rng = generator.get_state()  # saved so a resumed run replays this epoch's order
-        t0, seen, loss_sum, loss_n, stat_sum = time.time(), 0, 0.0, 0, {}
         for x in data.batches(train, cfg.batch_size, generator, skip=step - epoch * steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+            lr = common.set_lr(optimizer, cfg, step, total_steps)
             with autocast:
-                loss, stats = forward(x.to(device))
-                loss = loss.mean()
+                loss = forward(x.to(device)).mean()
             if not torch.isfinite(loss):
-                raise UserError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
-                                f"{ckpt_last if ckpt_last.exists() else '(none yet)'} is kept")
+                raise run.nan_stop(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
-            seen, loss_sum, loss_n = seen + len(x), loss_sum + loss.item(), loss_n + 1
-            stat_sum = {k: stat_sum.get(k, 0.0) + v.item() for k, v in stats.items()}
-            if step % cfg.log_every == 0:
-                rate, stat = seen / (time.time() - t0), {k: v / loss_n for k, v in stat_sum.items()}
-                report(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
-                                f"{loss_sum / loss_n:.2f} | {rate:.0f} seq/s | lr {lr_at(step):.2e} | "
-                                + " | ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in stat.items()))
-                common.log_metrics(run_dir, dict(kind="train", step=step, epoch=step / steps_per_epoch,
-                                                 nlpps=loss_sum / loss_n, seq_per_s=rate, **stat))
-                t0, seen, loss_sum, loss_n, stat_sum = time.time(), 0, 0.0, 0, {}
+            run.log_step(step, steps_per_epoch, len(x), loss.item(), lr)
+            if run.interrupted and step % steps_per_epoch:  # Ctrl-C mid-epoch: keep this step, then stop
+                run.save(model, optimizer, vocab, step, epoch_rng, best_val, is_best=False)
+                raise run.interrupt_stop(step)
             if step == total_steps or (cfg.max_steps and step >= cfg.max_steps):
                 break
         epoch_done = step % steps_per_epoch == 0
-        val = eval_split(model, splits, "val", cfg, device, run_dir, step, step / steps_per_epoch).mean().item()
-        best_val = min(best_val, val)
-        state = make_checkpoint(model, optimizer, cfg, vocab, step,
-                                generator.get_state() if epoch_done else epoch_rng, best_val)
-        common.save_checkpoint(state, ckpt_last)
-        if val <= best_val:
-            common.save_checkpoint(state, ckpt_best)
-        write_samples(model, cfg, vocab, device, run_dir, step // steps_per_epoch, shown)
-        common.plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})", side=(
-            "segmentation (F1: most likely cuts vs. spaces)", [("train", "cut_rate"), ("val", "cut_rate"), ("val", "f1")]))
+        val = eval_split(model, vocab, splits, "val", cfg, device, run, step, step / steps_per_epoch)
+        is_best = val.nll.mean().item() <= best_val
+        best_val = min(best_val, val.nll.mean().item())
+        run.save(model, optimizer, vocab, step, generator.get_state() if epoch_done else epoch_rng, best_val, is_best)
+        write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
+        run.plot_curves(CURVES_SIDE)
+        if run.interrupted:  # Ctrl-C at the end of an epoch: it is evaluated and saved
+            raise run.interrupt_stop(step)
 
-    best = common.load_checkpoint(ckpt_best, SCRIPT)
-    model.load_state_dict(best["model"])
-    eval_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
+    best_step = run.load_best(model)
+    eval_split(model, vocab, splits, "test", cfg, device, run, best_step, best_step / steps_per_epoch)
 
 
 def main(argv=None):
-    try:
-        run(argv)
-    except UserError as e:
-        sys.exit(f"{SCRIPT}: error: {e}")
+    common.main(SCRIPT, run, argv)
 
 
 if __name__ == "__main__":

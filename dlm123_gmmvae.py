@@ -20,13 +20,9 @@ README rows:  python dlm123_gmmvae.py   (20 epochs)   and   python dlm123_gmmvae
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,54 +30,25 @@ import torch.nn.functional as F
 
 import common
 import data
-from common import UserError, arg
+from common import arg
 
 SCRIPT = "dlm123_gmmvae"
-EVAL_SEED = 1234  # every bound is computed with the same posterior draws at every evaluation
 
 
 @dataclass
-class Config:
-    # model
+class Config(common.BaseConfig):
     embed: int = arg(32, "latent, embedding and conv width E", low=1)
     components: int = arg(30, "Gaussian components K of the prior", low=1)
     depth: int = arg(3, "conv layers D of the encoder and of the decoder (width 5)", low=1)
     sigma_max: float = arg(2.5, "cap on the posterior scale", low=0, low_open=True)
     posterior_scale: str = arg("dim", "posterior scale: one learned per dimension, or predicted per slot", choices=("dim", "slot"))
-    # objective
-    samples: int = arg(5, "posterior samples per caption in the training ELBO", low=1)
+    train_samples: int = arg(5, "posterior draws per caption in the training ELBO", low=1)
     estimator: str = arg("reparam", "gradient of the ELBO: reparameterised, or REINFORCE with a leave-one-out baseline", choices=("reparam", "reinforce"))
-    iw_samples: int = arg(64, "posterior samples per caption in the evaluation bounds", low=1)
-    # optimisation
-    epochs: int = arg(20, "training epochs", low=1)
-    batch_size: int = arg(100, "captions per step", low=1)
-    lr: float = arg(2e-3, "peak learning rate", low=0, low_open=True)
-    lr_schedule: str = arg("cosine", "cosine decays the lr to 10%% of its peak over training", choices=("cosine", "constant"))
-    optimizer: str = arg("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
-    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
-    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)", low=0)
-    seed: int = arg(0, "seed of the initialisation and of the data order")
-    # run control
-    device: str = arg("auto", "where to run", choices=("auto", "cuda", "mps", "cpu"))
-    dtype: str = arg("float32", "compute dtype (bfloat16 autocasts on CUDA)", choices=("float32", "bfloat16"))
-    compile: bool = arg(False, "torch.compile the model")
-    data_dir: str = arg("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
-    out_dir: str = arg("out", "runs are written to OUT_DIR/dlm123_gmmvae/RUN_NAME")
-    run_name: str = arg("default", "name of the run folder")
-    resume: bool = arg(False, "continue from the run folder's ckpt_last.pt")
-    eval_only: bool = arg(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop")
-    sample_only: bool = arg(False, "print samples from the run folder's ckpt_best.pt, then stop")
-    num_samples: int = arg(8, "samples printed and saved at each evaluation", low=0)
-    temperature: float = arg(1.0, "sampling temperature", low=0, low_open=True)
-    log_every: int = arg(50, "steps between train log lines", low=1)
-    max_steps: int = arg(0, "stop after this many steps in total (0: no limit)", low=0)
-    limit_train: int = arg(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    eval_batch_size: int = arg(100, "captions per evaluation batch", low=1)
+    iw_samples: int = arg(64, "posterior draws per caption in the evaluation bounds", low=1)
+    eval_batch_size: int = arg(100, "captions per evaluation batch", low=1, run=True)
 
 
-# Flags that steer this run only; --resume takes every other setting from the checkpoint.
-RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run_name", "resume", "eval_only",
-             "sample_only", "num_samples", "temperature", "log_every", "max_steps", "eval_batch_size", "iw_samples"}
+CURVES_SIDE = None  # curves.png shows NLPPS only
 
 
 # ----------------------------------------------------------------------------- model
@@ -101,11 +68,12 @@ class Model(nn.Module):
         self.log_sigma_max = math.log(cfg.sigma_max)
         rho_0 = -math.log(max(cfg.sigma_max - 1, 1.0))  # sigma starts at 1 (at sigma_max / 2 if the cap is < 2)
         if cfg.posterior_scale == "dim":
-            self.scale = nn.Parameter(torch.full((E,), rho_0))
+            self.rho = nn.Parameter(torch.full((E,), rho_0))
         else:
-            self.scale = nn.Linear(E, E)
-            nn.init.zeros_(self.scale.weight)
-            nn.init.constant_(self.scale.bias, rho_0)
+            self.rho = nn.Linear(E, E)
+            nn.init.zeros_(self.rho.weight)
+            nn.init.constant_(self.rho.bias, rho_0)
+        self.train_samples, self.estimator = cfg.train_samples, cfg.estimator
         self.prior_means = nn.Parameter(torch.randn(K, E))
         self.prior_log_std = nn.Parameter(torch.zeros(E))
 
@@ -115,7 +83,7 @@ class Model(nn.Module):
         for conv in self.enc_convs:
             u = u + conv(u)
         mean = u.transpose(1, 2)  # (B, L, E)
-        rho = self.scale if isinstance(self.scale, nn.Parameter) else self.scale(mean)
+        rho = self.rho if isinstance(self.rho, nn.Parameter) else self.rho(mean)
         return mean, self.log_sigma_max + F.logsigmoid(rho)
 
     def draw(self, mean, log_sigma, n, generator=None):
@@ -142,7 +110,11 @@ class Model(nn.Module):
         log_pz = common.mixture_log_prob(z, self.prior_means, self.prior_log_std)  # (S, B, L)
         return log_px_z.sum(-1), log_pz.sum(-1)
 
-    def loss(self, x, samples, estimator="reparam", generator=None):
+    def loss(self, x):
+        """x (B, L) -> (B,) the training loss: -ELBO from train_samples draws, with the estimator's gradient."""
+        return self.neg_elbo(x, self.train_samples, self.estimator)
+
+    def neg_elbo(self, x, samples, estimator="reparam", generator=None):
         """x (B, L) -> (B,) -ELBO from `samples` posterior draws; its gradient is the chosen estimator's."""
         mean, log_sigma = self.encode(x)
         z = self.draw(mean, log_sigma, samples, generator)  # (S, B, L, E)
@@ -158,14 +130,21 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------- evaluate, sample
+def build_model(vocab, train, cfg):
+    if cfg.estimator == "reinforce" and cfg.train_samples < 2:
+        raise common.UserError("--estimator reinforce needs --train-samples >= 2 (its baseline leaves one draw out)")
+    return Model(len(vocab), cfg)
+
+
 @torch.no_grad()
-def evaluate(model, x, cfg, device):
-    """Per caption of a split, in file order, from cfg.iw_samples posterior draws of a fixed seed: the -ELBO,
-    the -IW bound, KL(q || p) and the posterior means (N, L, E)."""
+def evaluate(model, x, cfg, device, final=True):
+    """Per caption of a split, in file order, from cfg.iw_samples posterior draws of the evaluation generator:
+    nll = the -IW bound; extra: -ELBO, KL(q || p), active dimensions; detail: the posterior means (N, L, E)."""
     model.eval()
-    generator = torch.Generator().manual_seed(EVAL_SEED)
+    generator = common.eval_generator()
     out = {"neg_elbo": [], "neg_iw": [], "kl": [], "means": []}
-    for batch in data.batches(x, cfg.eval_batch_size):
+    n_batches = math.ceil(len(x) / cfg.eval_batch_size)
+    for batch in common.progress(data.batches(x, cfg.eval_batch_size), n_batches, "evaluating"):
         batch = batch.to(device)
         mean, log_sigma = model.encode(batch)
         terms = []  # one draw at a time: memory stays at one (B, L, V) decoder output
@@ -180,7 +159,10 @@ def evaluate(model, x, cfg, device):
         out["kl"].append(-log_pz.mean(0) - entropy)
         out["means"].append(mean)
     model.train()
-    return {k: torch.cat(v).float().cpu() for k, v in out.items()}
+    out = {k: torch.cat(v).float().cpu() for k, v in out.items()}
+    extra = dict(neg_elbo=out["neg_elbo"].mean().item(), kl=out["kl"].mean().item(),
+                 active_dims=active_dims(model, out["means"]))
+    return common.Evaluation(out["neg_iw"], f"-iw{cfg.iw_samples} bound", extra, detail=dict(means=out["means"]))
 
 
 def active_dims(model, means):
@@ -193,12 +175,12 @@ def active_dims(model, means):
 def gradient_variance(model, x, cfg, repeats=8):
     """Trace of the covariance, over `repeats` draws, of the gradient of the batch -ELBO with respect to the
     encoder's own weights (its convs and scale), for each estimator: how noisy a training step would be."""
-    generator = torch.Generator().manual_seed(EVAL_SEED)
-    encoder = [p for name, p in model.named_parameters() if name.startswith(("enc_convs", "scale"))]
+    generator = common.eval_generator()
+    encoder = [p for name, p in model.named_parameters() if name.startswith(("enc_convs", "rho"))]
     variance = {}
     for estimator in ("reparam", "reinforce"):
         grads = [torch.cat([g.flatten() for g in torch.autograd.grad(
-            model.loss(x, max(cfg.samples, 2), estimator, generator).mean(), encoder)]) for _ in range(repeats)]
+            model.neg_elbo(x, max(cfg.train_samples, 2), estimator, generator).mean(), encoder)]) for _ in range(repeats)]
         variance[estimator] = torch.stack(grads).var(0).sum().item()
     return variance
 
@@ -206,13 +188,13 @@ def gradient_variance(model, x, cfg, repeats=8):
 @torch.no_grad()
 def sample(model, n, temperature, device, generator):
     """Ancestral sampling: at every slot a component k ~ uniform and z_t ~ N(m_k, s^2); then every x_t from
-    p(x_t | z) independently. The caption is read up to its first PAD."""
+    p(x_t | z, x_t != BOS) independently. The caption is read up to its first PAD."""
     model.eval()
     K, E = model.prior_means.shape
     k = torch.randint(K, (n, data.SLOTS), generator=generator).to(device)
     eps = torch.randn((n, data.SLOTS, E), generator=generator).to(device)
     z = model.prior_means[k] + model.prior_log_std.exp() * eps  # (n, L, E)
-    probs = torch.softmax(model.decoder_log_probs(z) / temperature, dim=-1)
+    probs = torch.softmax(data.emittable(model.decoder_log_probs(z)) / temperature, dim=-1)
     x = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=generator).view(n, data.SLOTS)
     model.train()
     return x
@@ -259,156 +241,89 @@ def plot_latents(run_dir, means, x, vocab, title):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
-def report(run_dir, text):
-    print(text, flush=True)
-    with open(run_dir / "log.txt", "a") as f:
-        f.write(text + "\n")
-
-
-def write_samples(model, cfg, vocab, splits, device, run_dir, epoch):
-    if cfg.num_samples == 0:
-        return
-    generator = torch.Generator().manual_seed(cfg.seed + epoch)  # own RNG: sampling never shifts training
-    targets = splits["val"][: min(cfg.num_samples, 2)]
-    lines = [f"[{tag}] {vocab.decode(ids)}" for ids, rec in zip(targets, reconstruct(model, targets.to(device)))
-             for tag, ids in (("TARGET", ids), ("RECONS", rec))]
-    lines += [f"[RANDOM] {vocab.decode(s)}" for s in sample(model, cfg.num_samples, cfg.temperature, device, generator)]
-    with open(run_dir / "samples.txt", "a") as f:
-        f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(t + "\n" for t in lines))
-    for t in lines:
-        report(run_dir, t)
-
-
-def eval_split(model, splits, split, cfg, vocab, device, run_dir, step, epoch):
-    result = evaluate(model, splits[split], cfg, device)
-    nlpps, elbo, kl = (result[k].mean().item() for k in ("neg_iw", "neg_elbo", "kl"))
-    mean_chars = data.num_chars(splits[split]).float().mean().item()
-    bpc, elbo_bpc = common.bits_per_char(nlpps, mean_chars), common.bits_per_char(elbo, mean_chars)
-    active, bound = active_dims(model, result["means"]), f"iw-{cfg.iw_samples}"
-    report(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} ({bound}) | "
-                    f"-elbo {elbo:.2f} (bpc {elbo_bpc:.4f}) | kl {kl:.2f} | active dims {active}/{cfg.embed}")
-    record = dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, elbo=elbo,
-                  elbo_bpc=elbo_bpc, kl=kl, active_dims=active)
+def eval_split(model, vocab, splits, split, cfg, device, run, step, epoch):
+    t0 = time.time()
+    ev = evaluate(model, splits[split], cfg, device, final=split == "test")
     if split == "val":  # why reparameterisation wins: the same gradient, far less noise
         grad_var = gradient_variance(model, splits[split][: cfg.batch_size].to(device), cfg)
-        report(run_dir, f"grad var (encoder, 8 draws) | reparam {grad_var['reparam']:.3e} | "
-                        f"reinforce {grad_var['reinforce']:.3e}")
-        record.update(grad_var_reparam=grad_var["reparam"], grad_var_reinforce=grad_var["reinforce"])
-        plot_latents(run_dir, result["means"], splits[split], vocab, f"{SCRIPT}: epoch {epoch:.2f}")
-    common.log_metrics(run_dir, record)
-    if split == "test":  # per caption, file order: compare.py lines models up caption by caption
-        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in result["neg_iw"].tolist()))
-    return result["neg_iw"]
+        ev.extra.update(grad_var_reparam=grad_var["reparam"], grad_var_reinforce=grad_var["reinforce"])
+        plot_latents(run.dir, ev.detail["means"], splits[split], vocab, f"{SCRIPT}: epoch {epoch:.2f}")
+    run.report_eval(split, ev, splits[split], step, epoch, time.time() - t0)
+    return ev
 
 
-def make_checkpoint(model, optimizer, cfg, vocab, step, epoch_rng, best_val):
-    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                args=dataclasses.asdict(cfg), vocab=vocab.itos, epoch_rng=epoch_rng,
-                torch_rng=torch.get_rng_state(), best_val=best_val)
+def write_samples(model, vocab, splits, cfg, device, run, epoch):
+    if cfg.show_samples:
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # own RNG: sampling never shifts training
+        targets = splits["val"][: min(cfg.show_samples, 2)]
+        lines = [f"[{tag}] {vocab.decode(ids)}" for ids, rec in zip(targets, reconstruct(model, targets.to(device)))
+                 for tag, ids in (("TARGET", ids), ("RECONS", rec))]
+        run.write_samples(lines + [f"[RANDOM] {vocab.decode(s)}" for s in
+                                   sample(model, cfg.show_samples, cfg.temperature, device, generator)], epoch)
 
 
+# ============================================================================= the loop
+# From this line to the end of the file the text is the same in every script of the family (a test checks
+# it): the model above provides build_model, Model.loss, eval_split, write_samples and CURVES_SIDE.
 def run(argv=None):
-    cfg, given = common.parse_config(Config, __doc__, argv)
-    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
-    ckpt = None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = common.load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"), SCRIPT)
-        kept = {k: v for k, v in ckpt["args"].items() if k not in RUN_FLAGS and k not in given}
-        cfg = dataclasses.replace(cfg, **kept)
-    if cfg.estimator == "reinforce" and cfg.samples < 2:
-        raise UserError("--estimator reinforce needs --samples >= 2 (its baseline leaves one sample out)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, run = common.open_run(Config, SCRIPT, __doc__, argv)  # flags, the run folder (locked), its checkpoint
     device = common.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-
-    vocab, splits = data.load(cfg.data_dir or None)
-    if ckpt is not None and ckpt["vocab"] != vocab.itos:
-        raise UserError("the checkpoint's vocabulary differs from this data's: wrong --data-dir?")
+    vocab, splits = data.load(cfg.data_dir or None, cfg.custom_data, getattr(cfg, "no_spaces", False))
     train = splits["train"][: cfg.limit_train or None]
-    model = Model(len(vocab), cfg).to(device)
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                 if cfg.optimizer == "adamw" else torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01))
+    model = build_model(vocab, train, cfg).to(device)
+    optimizer = common.make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed)  # data order
-    step, best_val = 0, math.inf
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        generator.set_state(ckpt["epoch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+    step, best_val = run.restore(model, optimizer, generator, vocab)
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    n_params = sum(p.numel() for p in model.parameters())
 
     if cfg.sample_only:
-        write_samples(model, cfg, vocab, splits, device, run_dir, epoch=step // steps_per_epoch)
-        return
+        return write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
     if cfg.eval_only:
         for split in ("val", "test"):
-            eval_split(model, splits, split, cfg, vocab, device, run_dir, step, step / steps_per_epoch)
+            eval_split(model, vocab, splits, split, cfg, device, run, step, step / steps_per_epoch)
         return
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    report(run_dir, f"{SCRIPT} | {n_params:,} parameters | {len(train):,} training captions | {device} | "
-                    f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-
-    def lr_at(step):
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
-
-    ckpt_last, ckpt_best = run_dir / "ckpt_last.pt", run_dir / "ckpt_best.pt"
+    run.start(model, train, device, steps_per_epoch, total_steps, step)
     while step < total_steps and not (cfg.max_steps and step >= cfg.max_steps):
         epoch = step // steps_per_epoch
         epoch_rng = generator.get_state()  # saved so a resumed run replays this epoch's order
-        t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
         for x in data.batches(train, cfg.batch_size, generator, skip=step - epoch * steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+            lr = common.set_lr(optimizer, cfg, step, total_steps)
             with autocast:
-                loss = forward(x.to(device), cfg.samples, cfg.estimator).mean()
+                loss = forward(x.to(device)).mean()
             if not torch.isfinite(loss):
-                raise UserError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
-                                f"{ckpt_last if ckpt_last.exists() else '(none yet)'} is kept")
+                raise run.nan_stop(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
-            seen, loss_sum, loss_n = seen + len(x), loss_sum + loss.item(), loss_n + 1
-            if step % cfg.log_every == 0:
-                rate = seen / (time.time() - t0)
-                report(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
-                                f"{loss_sum / loss_n:.2f} | {rate:.0f} seq/s | lr {lr_at(step):.2e}")
-                common.log_metrics(run_dir, dict(kind="train", step=step, epoch=step / steps_per_epoch,
-                                                 nlpps=loss_sum / loss_n, seq_per_s=rate, bound="elbo"))
-                t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
+            run.log_step(step, steps_per_epoch, len(x), loss.item(), lr)
+            if run.interrupted and step % steps_per_epoch:  # Ctrl-C mid-epoch: keep this step, then stop
+                run.save(model, optimizer, vocab, step, epoch_rng, best_val, is_best=False)
+                raise run.interrupt_stop(step)
             if step == total_steps or (cfg.max_steps and step >= cfg.max_steps):
                 break
         epoch_done = step % steps_per_epoch == 0
-        val = eval_split(model, splits, "val", cfg, vocab, device, run_dir, step, step / steps_per_epoch).mean().item()
-        best_val = min(best_val, val)
-        state = make_checkpoint(model, optimizer, cfg, vocab, step,
-                                generator.get_state() if epoch_done else epoch_rng, best_val)
-        common.save_checkpoint(state, ckpt_last)
-        if val <= best_val:
-            common.save_checkpoint(state, ckpt_best)
-        write_samples(model, cfg, vocab, splits, device, run_dir, epoch=step // steps_per_epoch)
-        common.plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
+        val = eval_split(model, vocab, splits, "val", cfg, device, run, step, step / steps_per_epoch)
+        is_best = val.nll.mean().item() <= best_val
+        best_val = min(best_val, val.nll.mean().item())
+        run.save(model, optimizer, vocab, step, generator.get_state() if epoch_done else epoch_rng, best_val, is_best)
+        write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
+        run.plot_curves(CURVES_SIDE)
+        if run.interrupted:  # Ctrl-C at the end of an epoch: it is evaluated and saved
+            raise run.interrupt_stop(step)
 
-    best = common.load_checkpoint(ckpt_best, SCRIPT)
-    model.load_state_dict(best["model"])
-    eval_split(model, splits, "test", cfg, vocab, device, run_dir, best["step"], best["step"] / steps_per_epoch)
+    best_step = run.load_best(model)
+    eval_split(model, vocab, splits, "test", cfg, device, run, best_step, best_step / steps_per_epoch)
 
 
 def main(argv=None):
-    try:
-        run(argv)
-    except UserError as e:
-        sys.exit(f"{SCRIPT}: error: {e}")
+    common.main(SCRIPT, run, argv)
 
 
 if __name__ == "__main__":
