@@ -6,8 +6,12 @@ characters before it, not on how they were cut (Kawakami, Dyer & Blunsom 2019; S
     h_i = GRU(h_{i-1}, e[c_i]),  h_0 from <bos>                          (context GRU over the characters)
     p_chars(piece | h_i) = prod_t p(c_t | c_<t, s_0 = tanh(W h_i)) * p(<pad> | all of it)   (piece GRU)
     p(piece | h_i) = g(h_i) p_lex(piece | h_i) + (1 - g(h_i)) p_chars(piece | h_i)        (lexical memory)
-p_lex is a softmax over the M most frequent substrings of the training captions (--lexicon, lengths
---lex-min..--lex-max), with one vector per entry. A piece ends with <pad>; <pad> as its first symbol is the
+p_lex is a distribution over the M most frequent substrings of the training captions (--lexicon, lengths
+--lex-min..--lex-max): a mixture of C learned softmaxes over the entries, weighted by the context,
+    p_lex(e | h_i) = sum_c pi_c(h_i) q_c(e),   pi = softmax(W h_i),  q_c = softmax(l_c)   (C = --lex-components)
+(a full softmax of <h_i, v_e> needs a (starts x M) exponential per batch: 2-3x the rest of a step at M = 10000).
+Which windows are entries is found by walking a trie of the lexicon, K tensor lookups per batch.
+A piece ends with <pad>; <pad> as its first symbol is the
 empty piece, which ends the caption. Where a piece has room for r = min(K, 99 - i) characters only, its end
 after r characters is forced (costs nothing), p_lex is renormalised over the entries of <= r characters
 (g = 0 where none fits), and a caption of 99 characters ends by force: p is a distribution over exactly
@@ -26,8 +30,11 @@ after each character from a GRU (--parser causal|bi), cuts forced as in p;
 with pathwise gradients for p and REINFORCE (leave-one-out baseline over --samples draws) for q.
 --segmenter spaces trains log p(x, z = the cuts after every space) (DLM106). Every reported NLPPS is the
 exact -log p(x) of the model; -ELBO, the IW bound and the joint of the spaces segmentation are extras.
---no-spaces removes the spaces (data.py; the papers' protocol; a different string, labelled so) and
-scores the cuts against the removed spaces.
+--no-spaces removes the spaces before encoding (data.py: then the first 99 non-space characters, and no
+space in the vocabulary; the papers' protocol; a different string, labelled so) and scores the cuts against
+the removed spaces. Boundary F1 with the spaces kept: a cut just before or just after a space marks that word
+boundary; word F1: a word (the characters between two boundaries, spaces left out) is right when both its
+ends are.
 README row:  python dlm107_vae_seg.py      (and --lexicon 0, --inference reinforce, --segmenter spaces, --no-spaces)
 """
 from __future__ import annotations
@@ -57,42 +64,49 @@ class Config(common.BaseConfig):
     max_piece: int = arg(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
     lexicon: int = arg(10000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
     lex_min: int = arg(2, "shortest substring in the lexicon", low=1)
-    lex_max: int = arg(10, "longest substring in the lexicon (<= --max-piece)", low=1)
+    lex_max: int = arg(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_components: int = arg(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
     inference: str = arg("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
                          choices=("exact", "reinforce"))
     segmenter: str = arg("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
                          "space only (DLM106)", choices=("learned", "spaces"))
+    piece_cost: float = arg(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
+                            "fewer, longer pieces (the reported NLPPS stays the exact log p(x))", low=0)
     parser: str = arg("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
     samples: int = arg(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
     iw_samples: int = arg(100, "reinforce: samples per caption of the test IW bound", low=1, run=True)
-    no_spaces: bool = arg(False, "remove the spaces (a different string: its NLPPS is labelled 'spaces removed')")
+    spaces: bool = arg(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')")
     batch_size: int = arg(64, "captions per step", low=1)
+    lr: float = arg(4e-3, "peak learning rate", low=0, low_open=True)
     eval_batch_size: int = arg(100, "captions per evaluation batch", low=1, run=True)
+
+    @property
+    def no_spaces(self) -> bool:  # (a field named no_spaces would make argparse read --no-spaces as "False")
+        return not self.spaces
 
 
 CURVES_SIDE = ("segmentation (Viterbi cuts vs. words)", [("val", "f1"), ("val", "word_f1"), ("val", "cut_rate")])
 
 
 # ----------------------------------------------------------------------------- lexicon
-def build_lexicon(x, cfg):
-    """x (N, L) training captions -> (M, lex_max) ids then PAD: the M most frequent substrings (overlapping
+def build_lexicon(x, size, lex_min, lex_max):
+    """x (N, L) training captions -> (size, lex_max) ids then PAD: the most frequent substrings (overlapping
     occurrences counted) of lex_min..lex_max characters, ties broken by length then ids, stored by length.
     A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
     V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
-    if V ** cfg.lex_max >= 2 ** 64:
-        raise UserError(f"--lex-max {cfg.lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
-    for length in range(cfg.lex_min, cfg.lex_max + 1 if cfg.lexicon else 0):
+    if V ** lex_max >= 2 ** 64:
+        raise UserError(f"--lex-max {lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
+    for length in range(lex_min, lex_max + 1 if size else 0):
         windows = x.unfold(1, length, 1).reshape(-1, length)               # (N * (L - length + 1), length)
         windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
         keys = windows @ (np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64))
         unique, counts = np.unique(keys, return_counts=True)               # in lexicographic order of the ids
-        top = np.argsort(-counts, kind="stable")[:cfg.lexicon]
+        top = np.argsort(-counts, kind="stable")[:size]
         digits = unique[top, None] // np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64) % np.uint64(V)
         found += [(c, length, ids) for c, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
-    chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:cfg.lexicon], key=lambda f: f[1])
-    return torch.tensor([ids + [data.PAD] * (cfg.lex_max - len(ids)) for _, _, ids in chosen],
-                        dtype=torch.long).view(-1, cfg.lex_max)
+    chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:size], key=lambda f: f[1])
+    return torch.tensor([ids + [data.PAD] * (lex_max - len(ids)) for _, _, ids in chosen],
+                        dtype=torch.long).view(-1, lex_max)
 
 
 def lexicon_trie(lexicon, vocab_size):
@@ -163,6 +177,15 @@ def chart(ends, n, viterbi=False):
     return at_n, cuts
 
 
+def cut_probabilities(scores, n):
+    """scores (B, L, K) from piece_scores -> (B, L): the posterior probability of a cut after character t, the
+    sum over the pieces that end there of their posterior probability d log p(x) / d log p(piece)."""
+    with torch.enable_grad():
+        scores = scores.detach().requires_grad_()
+        (piece_probs,) = torch.autograd.grad(chart(by_end(scores), n).sum(), scores)
+    return F.pad(by_end(piece_probs, fill=0.0).sum(-1)[:, 1:], (0, 1))
+
+
 def log_joint(ends, closing, n, cuts):
     """log p(x, z) for segmentations cuts (..., B, L) (every piece <= K characters, a cut after the last one)."""
     L, K = cuts.shape[-1], ends.shape[-1]
@@ -180,6 +203,7 @@ class Model(nn.Module):
         E, D = cfg.embed, cfg.piece_embed
         self.V, self.K, self.space = vocab_size, cfg.max_piece, space
         self.spaces, self.reinforce, self.samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.samples
+        self.piece_cost = cfg.piece_cost
         self.embed = nn.Embedding(vocab_size, E)
         self.context = nn.GRU(E, E, batch_first=True)
         self.piece_init = nn.Linear(E, D)
@@ -190,10 +214,8 @@ class Model(nn.Module):
                              persistent=False)
         self.register_buffer("lexicon", lexicon)  # (M, lex_max) saved in the checkpoint: a plain tensor
         if len(lexicon):
-            child, entry = lexicon_trie(lexicon, vocab_size)
-            self.register_buffer("trie", child, persistent=False)
-            self.register_buffer("trie_entry", entry, persistent=False)
-            self.register_buffer("lex_len", (lexicon != data.PAD).sum(1), persistent=False)
+            self.index_lexicon()
+            self.register_load_state_dict_post_hook(lambda model, keys: model.index_lexicon())  # a checkpoint's
             self.lex_mix = nn.Linear(E, cfg.lex_components)
             self.lex_logits = nn.Parameter(torch.randn(cfg.lex_components, len(lexicon)))
             self.gate = nn.Linear(E, 1)
@@ -202,18 +224,25 @@ class Model(nn.Module):
             self.seg_rnn = nn.GRU(E, E, batch_first=True, bidirectional=cfg.parser == "bi")
             self.cut = nn.Linear(E * (2 if cfg.parser == "bi" else 1), 1)
 
+    def index_lexicon(self):
+        """The lexicon's trie, the length of every entry and the lengths there are (sorted): from self.lexicon."""
+        child, entry = lexicon_trie(self.lexicon.cpu(), self.V)
+        for name, value in dict(trie=child, trie_entry=entry, lex_len=(self.lexicon != data.PAD).sum(1)).items():
+            self.register_buffer(name, value.to(self.lexicon.device), persistent=False)
+        self.register_buffer("lengths", self.lex_len.unique(), persistent=False)
+
     def contexts(self, x):
         """x (B, L) -> (B, L, E): h_i, the context GRU's state after <bos> and i characters."""
         return self.context(self.embed(torch.cat([torch.full_like(x[:, :1], data.BOS), x[:, :-1]], 1)))[0]
 
     def lexicon_log_probs(self, h, room):
-        """h (P, E), room (P,) -> log pi (P, C), log q_c(entry) renormalised over the entries of <= room characters
-        (P, C, M) as a callable on entry ids, and log g, log (1 - g) (P,) (g = 0 where no entry fits).
-        p_lex(e | h) = sum_c pi_c(h) q_c(e): a mixture of C context-free softmaxes, so the normalisers are
-        computed once per batch, (K + 1, C), not once per start and entry (a (P, M) softmax cost ~10x more)."""
-        r = torch.arange(self.K + 1, device=h.device)
-        log_norm = self.lex_logits.masked_fill(self.lex_len > r[:, None, None], NEG).logsumexp(-1)  # (K+1, C)
-        log_pi = F.log_softmax(self.lex_mix(h), -1) - log_norm[room]                                # (P, C)
+        """h (P, E), room (P,) -> log pi_c(h) - log Z_c(room) (P, C), so that log p_lex(e | h) = logsumexp_c of it
+        + l_c[e], with q_c renormalised over the entries of <= room characters (Z_c: once per batch, by length);
+        and log g, log (1 - g) (P,), g = 0 where no entry fits."""
+        by_length = torch.stack([self.lex_logits[:, self.lex_len == length].logsumexp(-1) for length in self.lengths], 0)
+        log_norm = F.pad(by_length.logcumsumexp(0), (0, 0, 1, 0), value=NEG)  # (groups + 1, C): lengths <= each
+        fitting = (self.lengths <= room[:, None]).sum(1)                     # (P,) length groups that fit
+        log_pi = F.log_softmax(self.lex_mix(h), -1) - log_norm[fitting]                             # (P, C)
         fits, gate = room >= self.lex_len.min(), self.gate(h).squeeze(-1)
         return log_pi, torch.where(fits, F.logsigmoid(gate), NEG), torch.where(fits, F.logsigmoid(-gate), 0.0)
 
@@ -272,10 +301,11 @@ class Model(nn.Module):
         closing[:, -1] = 0.0
         return scores, closing
 
-    def log_prob(self, x):
-        """x (B, L) -> (B,) exact log p(x), and what it was computed from (by_end scores, closing, n)."""
+    def log_prob(self, x, piece_cost=0.0):
+        """x (B, L) -> (B,) exact log p(x), and what it was computed from (by_end scores, closing, n); with a
+        piece_cost, log sum_z p(x, z) exp(-piece_cost * pieces in z) instead (a training objective only)."""
         scores, closing = self.piece_scores(x)
-        ends, n = by_end(scores), data.num_chars(x)
+        ends, n = by_end(scores - piece_cost), data.num_chars(x)
         return chart(ends, n) + closing.gather(1, n[:, None]).squeeze(1), (scores, ends, closing, n)
 
     # --- the segmenter q(z|x) of --inference reinforce
@@ -298,25 +328,26 @@ class Model(nn.Module):
     def loss(self, x, drawn=None):
         """x (B, L) -> (B,) training loss: -log p(x) (exact), -log p(x, z_spaces) (spaces), or the -ELBO estimate
         from K draws of q (reinforce; gradient pathwise for p, REINFORCE with a leave-one-out baseline for q)."""
-        n = data.num_chars(x)
         if not (self.spaces or self.reinforce):
-            return -self.log_prob(x)[0]
+            return -self.log_prob(x, self.piece_cost)[0]
         scores, closing = self.piece_scores(x)
-        ends = by_end(scores)
+        ends, n = by_end(scores), data.num_chars(x)
         if self.spaces:
             return -log_joint(ends, closing, n, force_cuts(x == self.space, n, self.K)[0])
         cuts, log_q = self.draw_cuts(x, self.samples, drawn=drawn)
         log_p = log_joint(ends, closing, n, cuts)                                        # (k, B)
+        # the ELBO's -grad log q term has expectation zero and only adds variance: left out
         surrogate = common.reinforce_surrogate(log_q, (log_p - log_q).detach())
         return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach())
 
 
 def build_model(vocab, train, cfg):
-    if cfg.lex_max > cfg.max_piece or cfg.lex_min > cfg.lex_max:
-        raise UserError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {cfg.lex_max}, {cfg.max_piece}")
+    lex_max = cfg.lex_max or cfg.max_piece
+    if lex_max > cfg.max_piece or cfg.lex_min > lex_max:
+        raise UserError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {lex_max}, {cfg.max_piece}")
     if cfg.segmenter == "spaces" and (cfg.inference == "reinforce" or cfg.no_spaces):
         raise UserError("--segmenter spaces cuts after the spaces: not with --inference reinforce or --no-spaces")
-    return Model(len(vocab), vocab.stoi.get(" ", -1), build_lexicon(train, cfg), cfg)
+    return Model(len(vocab), vocab.stoi.get(" ", -1), build_lexicon(train, cfg.lexicon, cfg.lex_min, lex_max), cfg)
 
 
 # ----------------------------------------------------------------------------- segmentation scores
@@ -346,7 +377,7 @@ def segmentation_counts(x, cuts, space, gold=None):
     if gold is None:
         is_space = x == space
         after_prev = F.pad(cut & ~is_space, (1, -1))               # a cut just before character t
-        gold_b, hit = is_space & inner & F.pad(inner, (1, -1)), None
+        gold_b = is_space & inner & F.pad(inner, (1, -1))  # spaces with a character on each side
         hit = gold_b & ((cut & is_space) | after_prev)
         position = (~is_space & (x != data.PAD)).long().cumsum(1)  # characters without spaces up to t
     else:
@@ -392,8 +423,9 @@ def evaluate(model, x, cfg, device, final=True, gold=None):
             extra["joint_nlpps"] = extra.get("joint_nlpps", 0.0) - joint.sum().item()
         if model.reinforce:
             f = []
-            for i in range(0, cfg.iw_samples if final else cfg.samples, cfg.samples):
-                cuts, log_q = model.draw_cuts(batch, cfg.samples, generator)
+            total = cfg.iw_samples if final else cfg.samples
+            for i in range(0, total, cfg.samples):  # --samples at a time: memory as in training
+                cuts, log_q = model.draw_cuts(batch, min(cfg.samples, total - i), generator)
                 f.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
             f = torch.cat(f)
             extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:cfg.samples].mean(0).sum().item()
@@ -487,13 +519,12 @@ def write_samples(model, vocab, splits, cfg, device, run, epoch):
     model.eval()
     _, (scores, ends, _, n) = model.log_prob(shown)
     best = chart(ends, n, viterbi=True)[1]
-    with torch.enable_grad():
-        scores = scores.detach().requires_grad_()
-        (piece_probs,) = torch.autograd.grad(chart(by_end(scores), n).sum(), scores)
-    cut_probs = F.pad(by_end(piece_probs, fill=0.0).sum(-1)[:, 1:], (0, 1))  # (B, L): a cut after character t
+    lines += [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)]
+    if model.reinforce:  # and q's likelier decisions
+        lines += [f"[SEGMENT q] {with_cuts(vocab, *s)}" for s in zip(shown, model.draw_cuts(shown, 1, greedy=True)[0][0])]
     model.train()
-    run.write_samples(lines + [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)], epoch)
-    plot_segments(vocab, shown, cut_probs, best, run.dir)
+    run.write_samples(lines, epoch)
+    plot_segments(vocab, shown, cut_probabilities(scores, n), best, run.dir)
 
 
 def plot_segments(vocab, shown, cut_probs, best, folder):

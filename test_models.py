@@ -724,7 +724,227 @@ def test_dlm123_active_dims_counts_the_dimensions_whose_mean_moves_with_the_capt
 
 
 # ============================================================================= dlm142_diffusion.py
-# DLM142_TESTS
+# Exact checks enumerate a tiny model: vocabulary PAD, <bos>, UNK, one character (+ MASK), 2 slots, T = 4.
+dlm = dlm142_diffusion
+V, L, T = 4, 2, 4
+KINDS = {  # name: Config overrides
+    "x0": dict(param="x0"),
+    "x0-dilated": dict(param="x0", dilation="1,2", time_cond=True),
+    "x0-transformer": dict(param="x0", backbone="transformer"),
+    "gate": dict(param="gate", time_cond=True),
+    "gate-nocopy": dict(param="gate", copy=False),
+    "gate-uniform-dilated": dict(param="gate", noise="uniform", dilation="2,1", time_cond=True),
+    "gate-uniform-transformer": dict(param="gate", noise="uniform", backbone="transformer", time_cond=True),
+}
+
+
+def tiny_diffusion(kind, steps=T):
+    torch.manual_seed(0)
+    cfg = dlm.Config(embed=8, depth=2, kernel=3, heads=2, diffusion_steps=steps, **KINDS[kind])
+    model = dlm.Model(V, cfg).double()
+    with torch.no_grad():  # random, far-from-uniform outputs make the checks bite
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def all_states(S):
+    return torch.tensor(list(itertools.product(range(S), repeat=L)))                # (S^L, L)
+
+
+def data_captions():
+    return torch.tensor([x for x in itertools.product(range(V), repeat=L) if data.BOS not in x])
+
+
+def exact_diffusion_p(model):
+    """p(x_0) for every 2-slot state, by summing over every reverse trajectory -> (S^L,)."""
+    c = model.corruption
+    states = all_states(c.states)
+    with torch.no_grad():
+        p = c.noise.double()[states].prod(-1)                                       # p(x_T)
+        for t in range(c.T, 0, -1):
+            lp = model.reverse_log_probs(states, torch.full((len(states),), t))     # (S^L, L, S)
+            p = p @ sum(lp[:, i, states[:, i]] for i in range(L)).exp()            # [a, b] = p(x_{t-1}=b | x_t=a)
+    return states, p
+
+
+def exact_bound_terms(model, x0):
+    """E_q of every step's term by enumerating x_t ~ q(x_t | x_0) -> (T, 3) for one caption x0 (L,)."""
+    c = model.corruption
+    states = all_states(c.states)
+    rows = []
+    with torch.no_grad():
+        for t in range(1, c.T + 1):
+            q = c.marginal(x0[None], torch.tensor([t]))[0]                          # (L, S)
+            w = q[0, states[:, 0]] * q[1, states[:, 1]]                             # q(x_t | x_0), (S^L,)
+            possible = w > 0
+            terms = model.step_terms(x0.expand(int(possible.sum()), L), states[possible],
+                                     torch.full((int(possible.sum()),), t))
+            rows.append((w[possible, None] * terms).sum(0))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("noise", ["uniform", "absorb"])
+def test_dlm142_posterior_matches_bayes_rule_and_the_chain_ends_at_noise(noise):
+    c = dlm.Corruption(V, T, noise)
+    S = c.states
+    a = c.alpha_bar(torch.arange(T + 1))
+    # one-step matrices straight from the definition q(x_t | x_{t-1}) = (1 - b_t) I + b_t n
+    Q = [None] + [(a[t] / a[t - 1]) * torch.eye(S) + (1 - a[t] / a[t - 1]) * c.noise.expand(S, S)
+                  for t in range(1, T + 1)]
+    x0 = torch.tensor([[0, 2, 3]])
+    marg = torch.nn.functional.one_hot(x0[0], S).float()                            # (3, S): q(x_0 | x_0)
+    for t in range(1, T + 1):
+        prev, marg = marg, marg @ Q[t]
+        torch.testing.assert_close(c.marginal(x0, torch.tensor([t]))[0], marg)
+        for xt in itertools.product(range(S), repeat=3):
+            xt = torch.tensor([xt])
+            if (marg[torch.arange(3), xt[0]] == 0).any():
+                continue  # impossible x_t
+            bayes = Q[t][:, xt[0]].t() * prev                                       # (3, S)
+            torch.testing.assert_close(c.posterior(x0, xt, torch.tensor([t]))[0], bayes / bayes.sum(-1, keepdim=True))
+    torch.testing.assert_close(marg, c.noise.expand(3, S))  # a_T = 0: x_T is pure noise
+    assert c.prior_kl(x0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dlm142_p_sums_to_one_over_captions_and_the_elbo_bounds_it(kind):
+    model = tiny_diffusion(kind)
+    states, p = exact_diffusion_p(model)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    is_data = ~model.corruption.not_data[states].any(-1)
+    assert p[is_data].sum().item() == pytest.approx(1.0, abs=1e-6)  # never a MASK or a <bos> at the end
+    for x0, px in zip(states[is_data], p[is_data]):
+        terms = exact_bound_terms(model, x0)
+        bound = terms.sum().item() + model.corruption.prior_kl(x0[None]).item()
+        assert -math.log(px.item()) - 1e-6 <= bound < math.inf
+        assert (terms > -1e-9).all()  # each part is a KL (or a KL's chain-rule piece): never negative
+        if model.param == "x0":  # the x0 kernel matches q except for the token: the other parts vanish
+            assert terms[:, [0, 2]].abs().max().item() < 1e-12
+        if model.corruption.kind == "uniform":
+            assert terms[:, 0].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("kind", ["x0", "x0-transformer"])
+def test_dlm142_x0_kernel_is_the_posterior_with_p_theta_in_place_of_x0(kind):
+    model = tiny_diffusion(kind)
+    c = model.corruption
+    xt = all_states(c.states)
+    xt = xt[~(xt == data.BOS).any(-1)]                                              # x_t never holds <bos>
+    for t in range(1, T + 1):
+        if t == T:  # a_T = 0: only the all-MASK x_T is possible
+            xt = xt[(xt == c.mask).all(-1)]
+        tt = torch.full((len(xt),), t)
+        with torch.no_grad():
+            kernel = model.reverse_log_probs(xt, tt).exp()                          # (N, L, S)
+            p_x0 = model.x0_log_probs(xt, tt).exp()                                 # (N, L, S)
+        bayes = torch.zeros_like(kernel)
+        for j in range(V):  # sum_j p_th(x_0 = j | x_t) q(x_{t-1} | x_t, x_0 = j) at masked slots
+            bayes += p_x0[..., j:j + 1] * c.posterior(torch.full_like(xt, j), xt, tt).double()
+        bayes = torch.where((xt == c.mask)[..., None], bayes, c.posterior(xt, xt, tt).double())  # kept: x_0 = x_t
+        torch.testing.assert_close(kernel, bayes, rtol=1e-6, atol=1e-6)  # the posterior is float32
+        assert (p_x0[..., c.not_data] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["x0", "gate", "gate-uniform-transformer"])
+def test_dlm142_training_and_evaluation_estimates_are_unbiased_for_the_exact_bound(kind):
+    model = tiny_diffusion(kind)
+    x = data_captions()                                                             # (9, L)
+    exact = torch.stack([exact_bound_terms(model, x0).sum() for x0 in x]) + model.corruption.prior_kl(x)
+    copies = 800
+    with torch.no_grad():
+        torch.manual_seed(0)
+        train = torch.cat([model.loss(x.repeat(8, 1)).view(8, -1) for _ in range(copies // 8)])  # (copies, 9)
+        full = dlm.evaluate(model, x.repeat(copies, 1), dlm.Config(eval_batch_size=500), CPU)
+        few = dlm.evaluate(model, x.repeat(copies, 1), dlm.Config(eval_batch_size=500, val_steps=2), CPU, final=False)
+    assert full.bound == "-elbo" and few.bound.startswith("-elbo, estimated from 2 of 4 steps")
+    for draws in (train, full.nll.view(copies, -1), few.nll.view(copies, -1)):  # each row: independent draws
+        error = (draws.mean(0) - exact).abs()
+        assert (error < 4.5 * draws.std(0) / copies ** 0.5 + 1e-6).all(), (error, draws.std(0))
+    # the per-step terms (total and split) add up to the bound; one draw for all: same numbers every time
+    per_step = torch.tensor(full.extra["per_step"])
+    assert per_step.sum().item() == pytest.approx(full.nll.mean().item(), rel=1e-6)
+    split = sum(torch.tensor(full.extra[f"per_step_{name}"]) for name in dlm.TERMS)
+    torch.testing.assert_close(split, per_step)
+    again = dlm.evaluate(model, x.repeat(copies, 1), dlm.Config(eval_batch_size=77), CPU)
+    torch.testing.assert_close(again.nll, full.nll)
+
+
+@pytest.mark.parametrize("kind", ["x0", "gate-uniform-dilated"])
+def test_dlm142_sampler_draws_from_the_exact_model_distribution(kind):
+    model = tiny_diffusion(kind)
+    states, p = exact_diffusion_p(model)
+    n = 4000
+    draws = dlm.sample(model, n, 1.0, CPU, torch.Generator().manual_seed(0), slots=L)  # (n, L)
+    assert not model.corruption.not_data[draws].any()  # no MASK, no <bos>
+    index = (draws[:, 0] * model.corruption.states + draws[:, 1])
+    counts = torch.bincount(index, minlength=len(states)).double()
+    expected = n * p
+    seen = expected > 0
+    assert counts[~seen].sum() == 0
+    chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum().item()
+    assert chi2 < 40, chi2  # df <= 8: P(chi2 > 40) < 1e-5 if the sampler is right
+
+
+def test_dlm142_dilation_cycle_and_flag_errors():
+    assert dlm.dilation_cycle("1,2,4,8", 6) == [1, 2, 4, 8, 1, 2]
+    assert dlm.dilation_cycle("1", 3) == [1, 1, 1]
+    conv = tiny_diffusion("x0-dilated").backbone.convs
+    assert [c.dilation[0] for c in conv] == [1, 2] and [c.padding[0] for c in conv] == [1, 2]
+    for bad in ("", "1,x", "0", "2,-1"):
+        with pytest.raises(common.UserError, match="--dilation"):
+            dlm.dilation_cycle(bad, 3)
+    with pytest.raises(common.UserError, match="--heads"):
+        dlm.Model(V, dlm.Config(backbone="transformer", embed=10, heads=4))
+    with pytest.raises(common.UserError, match="--param gate"):
+        dlm.Model(V, dlm.Config(noise="uniform"))
+    with pytest.raises(common.UserError, match="--no-copy"):
+        dlm.Model(V, dlm.Config(copy=False))
+
+
+def test_dlm142_transformer_has_about_the_cnns_parameters_and_sees_every_slot():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    cnn = dlm.Model(92, dlm.Config())
+    tf = dlm.Model(92, dlm.Config(backbone="transformer", embed=80, depth=3))  # the benchmark's pair
+    assert 0.8 < count(tf) / count(cnn) < 1.25
+    x = torch.randint(3, 92, (1, data.SLOTS))
+    y = x.clone()
+    y[0, -1] = 3 if x[0, -1] != 3 else 4
+    with torch.no_grad():
+        changed = tf.logits(x, torch.ones(1, dtype=torch.long))[0] != tf.logits(y, torch.ones(1, dtype=torch.long))[0]
+    assert changed[0].any()  # the first slot sees the last
+
+
+def test_dlm142_headline_command_is_the_notes_network():
+    cfg, given = common.parse_config(dlm.Config, "", ["--embed", "50", "--depth", "11", "--lr", "1e-4"])
+    assert (cfg.backbone, cfg.embed, cfg.depth, cfg.kernel, cfg.dilation, cfg.lr) == ("cnn", 50, 11, 5, "1", 1e-4)
+    assert given == {"embed", "depth", "lr"}
+    cfg, _ = common.parse_config(dlm.Config, "", ["--param", "gate", "--no-copy", "--noise", "uniform", "--time-cond"])
+    assert (cfg.param, cfg.copy, cfg.noise, cfg.time_cond) == ("gate", False, "uniform", True)
+    with pytest.raises(SystemExit):
+        common.parse_config(dlm.Config, "", ["--depth", "0"])
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        common.parse_config(dlm.Config, "", ["--kernel", "4"])
+
+
+def test_dlm142_test_record_splits_the_bound_by_step_and_term(finished):
+    test = [r for r in common.read_metrics(finished["dlm142_diffusion"]) if r["kind"] == "test"][-1]
+    assert test["bound"] == "-elbo" and len(test["per_step"]) == 8
+    assert test["nlpps"] == pytest.approx(sum(test["per_step"]), rel=1e-4)  # prior term is 0: a_T = 0
+    assert sum(test["per_step_reveal"]) == 0 == sum(test["per_step_copy"])  # x0: only the token costs
+    assert test["per_step_token"] == pytest.approx(test["per_step"])
+    assert (finished["dlm142_diffusion"] / "noise_levels.png").stat().st_size > 0
+
+
+def test_dlm142_gate_run_with_uniform_noise_and_the_x0_uniform_refusal(tiny_data, tmp_path):
+    base = tiny_args("dlm142_diffusion", tiny_data, tmp_path, "--epochs", "1")
+    out = call_ok("dlm142_diffusion", base + ["--param", "gate", "--noise", "uniform", "--backbone", "transformer",
+                                              "--heads", "3"])
+    test = [r for r in common.read_metrics(tmp_path / "dlm142_diffusion" / "default") if r["kind"] == "test"][-1]
+    assert sum(test["per_step_reveal"]) == 0 and sum(test["per_step_copy"]) > 0
+    assert "<bos>" not in out
+    code, _, err = call("dlm142_diffusion", base + ["--noise", "uniform", "--run-name", "bad"])
+    assert_one_line_error(code, err, "--param x0", "--param gate")
 
 
 # ============================================================================= compare.py
