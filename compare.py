@@ -6,7 +6,8 @@ Reads each run folder's args.json, metrics.jsonl, test_nlpps.txt (per-caption te
 order) and the vocabulary in ckpt_best.pt; refuses runs whose test files do not line up. Prints
 one table, the captions with the largest differences both ways and the win rates of each pair (or
 of each run against --baseline), NLPPS by caption length; writes comparison.md and comparison.png
-(per-caption scatter, length buckets, all learning curves) into --out.
+(per-caption scatter, length buckets, all learning curves and, for runs that log them, the test bound
+by diffusion step) into --out.
 """
 from __future__ import annotations
 
@@ -142,7 +143,9 @@ def plot(runs: list[Run], pairs, lengths: torch.Tensor, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_s, ax_l, ax_c) = plt.subplots(1, 3, figsize=(16, 4.5))
+    steps = [(run, run.test["per_step"]) for run in runs if run.test.get("per_step")]
+    fig, axes = plt.subplots(1, 3 + bool(steps), figsize=(16 + 5 * bool(steps), 4.5))
+    ax_s, ax_l, ax_c = axes[:3]
     a, b = pairs[0]
     ax_s.scatter(a.nlpps, b.nlpps, s=4, alpha=0.5)
     hi = float(max(a.nlpps.max(), b.nlpps.max()))
@@ -155,6 +158,15 @@ def plot(runs: list[Run], pairs, lengths: torch.Tensor, out: Path) -> None:
         val = [(r["epoch"], r["nlpps"]) for r in run.metrics if r["kind"] == "val"]
         if val:
             ax_c.plot(*zip(*val), "o-", markersize=3, label=run.name)
+    for run, per_step in steps:  # diffusion runs: where along the noise schedule each one loses its nats
+        T = len(per_step)
+        axes[3].plot([(t + 1) / T for t in range(T)], per_step, ".-", markersize=2,
+                     label=f"{run.name} ({sum(per_step):.1f})")
+    if steps:
+        axes[3].set(xlabel="fraction of slots noised, t / T", ylabel="nats per caption in step t",
+                    title="test bound by noise level")
+        axes[3].grid(alpha=0.3)
+        axes[3].legend(fontsize=7)
     ax_l.set(xlabel="caption length (characters)", ylabel="mean test NLPPS", title="by length")
     ax_c.set(xlabel="epoch", ylabel="val NLPPS", title="learning curves", yscale="log")
     for ax in (ax_l, ax_c):

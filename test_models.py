@@ -949,14 +949,14 @@ def test_dlm142_gate_run_with_uniform_noise_and_the_x0_uniform_refusal(tiny_data
 
 # ============================================================================= compare.py
 def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound="exact", data_label="multi30k",
-             **args):
+             per_step=None, **args):
     run_dir = root / script / name
     run_dir.mkdir(parents=True)
     (run_dir / "args.json").write_text(json.dumps({"epochs": epochs, "lr": 0.5, "run_name": name, **args}))
     records = [dict(kind="train", step=1, epoch=0.5, nlpps=99.0, seq_per_s=123.0),
                dict(kind="val", step=2, epoch=1.0, nlpps=90.0, bpc=1.0, bound=bound),
                dict(kind="test", step=2, epoch=epochs, nlpps=sum(values) / len(values), bpc=1.5, bound=bound,
-                    data=data_label)]
+                    data=data_label, per_step=per_step)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in values))
     common.save_checkpoint(dict(script=script, model={"w": torch.zeros(7), "buffer": torch.zeros(1)}, n_params=7,
@@ -968,7 +968,7 @@ def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
     n = 31
     a = fake_run(tmp_path, "dlm100_rnn", "a", [50.0] + [10.0 + 0.01 * i for i in range(1, n)])
     b = fake_run(tmp_path, "dlm142_diffusion", "b", [20.0] * 3 + [1.0] + [20.0] * (n - 4), bound="elbo",
-                 epochs=0.34, max_steps=5)  # run-control flags are not hyper-parameters, but epochs is
+                 epochs=0.34, max_steps=5, per_step=[1.0, 2.0])  # run flags are not hyper-parameters, epochs is
     out = tmp_path / "cmp"
     text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(out), "--top", "1"])
     assert "| dlm100_rnn/a | lr=0.5 | 7 | 20 | 11.44 | 1.5000 | exact | 123 |" in text  # parameters, not buffers
