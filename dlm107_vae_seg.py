@@ -27,7 +27,7 @@ character. The piece GRU runs over every (start, length <= K) window at once (an
 --inference reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
 after each character from a GRU (--parser causal|bi), cuts forced as in p;
     log p(x) >= ELBO = E_q[log p(x, z) - log q(z|x)],  KL(q || p(z|x)) = log p(x) - ELBO (logged)
-with pathwise gradients for p and REINFORCE (leave-one-out baseline over --samples draws) for q.
+with pathwise gradients for p and REINFORCE (leave-one-out baseline over --train-samples draws) for q.
 --segmenter spaces trains log p(x, z = the cuts after every space) (DLM106). Every reported NLPPS is the
 exact -log p(x) of the model; -ELBO, the IW bound and the joint of the spaces segmentation are extras.
 --no-spaces removes the spaces before encoding (data.py: then the first 99 non-space characters, and no
@@ -73,7 +73,7 @@ class Config(common.BaseConfig):
     piece_cost: float = arg(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
                             "fewer, longer pieces (the reported NLPPS stays the exact log p(x))", low=0)
     parser: str = arg("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
-    samples: int = arg(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
+    train_samples: int = arg(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
     iw_samples: int = arg(100, "reinforce: samples per caption of the test IW bound", low=1, run=True)
     spaces: bool = arg(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')")
     batch_size: int = arg(64, "captions per step", low=1)
@@ -202,7 +202,7 @@ class Model(nn.Module):
         super().__init__()
         E, D = cfg.embed, cfg.piece_embed
         self.V, self.K, self.space = vocab_size, cfg.max_piece, space
-        self.spaces, self.reinforce, self.samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.samples
+        self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.train_samples
         self.piece_cost = cfg.piece_cost
         self.embed = nn.Embedding(vocab_size, E)
         self.context = nn.GRU(E, E, batch_first=True)
@@ -334,7 +334,7 @@ class Model(nn.Module):
         ends, n = by_end(scores), data.num_chars(x)
         if self.spaces:
             return -log_joint(ends, closing, n, force_cuts(x == self.space, n, self.K)[0])
-        cuts, log_q = self.draw_cuts(x, self.samples, drawn=drawn)
+        cuts, log_q = self.draw_cuts(x, self.train_samples, drawn=drawn)
         log_p = log_joint(ends, closing, n, cuts)                                        # (k, B)
         # the ELBO's -grad log q term has expectation zero and only adds variance: left out
         surrogate = common.reinforce_surrogate(log_q, (log_p - log_q).detach())
@@ -406,7 +406,7 @@ def segmentation_stats(counts, prefix=""):
 @torch.no_grad()
 def evaluate(model, x, cfg, device, final=True, gold=None):
     """Exact -log p(x) per caption (file order), and the Viterbi segmentation scored against the words (gold:
-    the removed spaces with --no-spaces). reinforce adds -ELBO (--samples draws), on the final (test)
+    the removed spaces with --no-spaces). reinforce adds -ELBO (--train-samples draws), on the final (test)
     evaluation the IW bound (--iw-samples), KL(q || p(z|x)) and q's segmentation; spaces adds its joint."""
     model.eval()
     generator, nll, extra = common.eval_generator(), [], {}
@@ -423,12 +423,12 @@ def evaluate(model, x, cfg, device, final=True, gold=None):
             extra["joint_nlpps"] = extra.get("joint_nlpps", 0.0) - joint.sum().item()
         if model.reinforce:
             f = []
-            total = cfg.iw_samples if final else cfg.samples
-            for i in range(0, total, cfg.samples):  # --samples at a time: memory as in training
-                cuts, log_q = model.draw_cuts(batch, min(cfg.samples, total - i), generator)
+            total = cfg.iw_samples if final else cfg.train_samples
+            for i in range(0, total, cfg.train_samples):  # --train-samples at a time: memory as in training
+                cuts, log_q = model.draw_cuts(batch, min(cfg.train_samples, total - i), generator)
                 f.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
             f = torch.cat(f)
-            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:cfg.samples].mean(0).sum().item()
+            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:cfg.train_samples].mean(0).sum().item()
             if final:
                 extra["iw_nlpps"] = extra.get("iw_nlpps", 0.0) - common.logmeanexp(f, 0).sum().item()
             counts["q_"] = counts["q_"] + segmentation_counts(batch, model.draw_cuts(batch, 1, greedy=True)[0][0],
