@@ -335,8 +335,9 @@ class Run:
     """OUT_DIR/SCRIPT/RUN_NAME while a process uses it: held by a lock file with the pid, so that two
     processes never write one folder; a new run never mixes with an old one (--resume or --overwrite)."""
 
-    def __init__(self, script: str, cfg, ckpt: dict | None, folder: Path):
-        self.script, self.cfg, self.ckpt, self.dir = script, cfg, ckpt, folder
+    def __init__(self, script: str, cfg, folder: Path):
+        self.script, self.cfg, self.dir = script, cfg, folder
+        self.ckpt = None  # the checkpoint open_run read, if any
         self.lock = folder / ".lock"
         self.interrupted = False
         self.clock = None
@@ -379,14 +380,15 @@ class Run:
                               seq_per_s=rate))
         c.update(seen=0, loss_sum=0.0, n=0, window_t0=now)
 
-    def report_eval(self, split, ev: Evaluation, x, step, epoch, seconds, extra_text="") -> None:
+    def report_eval(self, split, ev: Evaluation, x, step, epoch, seconds) -> None:
         """The eval line, its metrics record, and for test the per-caption file compare.py reads."""
         nlpps = ev.nll.mean().item()
-        bpc = bits_per_char(nlpps, (x != 0).long().cumprod(1).sum(1).float().mean().item())  # PAD = 0 (data.py)
+        import data  # here, not at the top: data.py imports UserError from this file
+        bpc = bits_per_char(nlpps, data.num_chars(x).float().mean().item())
         label = ", ".join(filter(None, [ev.bound, data_label(self.cfg)]))
         scalars = "".join(f" | {k} {v:.4g}" for k, v in ev.extra.items() if isinstance(v, (int, float)))
         self.report(f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} ({label})"
-                    f"{scalars}{extra_text} | {seconds:.1f} s")
+                    f"{scalars} | {seconds:.1f} s")
         self.log_metrics(dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=ev.bound,
                               data=data_label(self.cfg) or "multi30k", seconds=seconds, **ev.extra))
         if split == "test":  # per caption, file order: compare.py lines models up caption by caption
@@ -408,7 +410,7 @@ class Run:
         ckpt = self.ckpt
         if ckpt is None:
             if self.cfg.overwrite:
-                for name in RUN_FILES + ("curves.png",) + tuple(p.name for p in self.dir.glob("*.png")):
+                for name in RUN_FILES + tuple(p.name for p in self.dir.glob("*.png")):
                     (self.dir / name).unlink(missing_ok=True)
             return 0, math.inf
         if ckpt.get("vocab") != vocab.itos:
@@ -530,7 +532,7 @@ def open_run(config_cls, script: str, description: str, argv=None):
         raise UserError(f"cannot create the run folder {folder}: {e.strerror or e}") from None
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write to the run folder {folder}")
-    run = Run(script, cfg, None, folder)
+    run = Run(script, cfg, folder)
     run.acquire()  # first: a second process on this folder is told so, whatever else it asked for
     if cfg.resume or cfg.eval_only or cfg.sample_only:
         run.ckpt = load_checkpoint(folder / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"), script)
