@@ -110,12 +110,26 @@ def read_captions(path: Path) -> list[str]:
         raise UserError(f"cannot read {path}: {why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
 
 
+def removed_spaces(lines: list[str]) -> torch.Tensor:
+    """(N, SLOTS) bool: True at slot t when a space followed character t of the caption without its spaces."""
+    gold = torch.zeros(len(lines), SLOTS, dtype=torch.bool)
+    for row, line in enumerate(lines):
+        t = -1
+        for c in line:
+            if c != " ":
+                t += 1
+            elif 0 <= t < SLOTS:
+                gold[row, t] = True
+    return gold
+
+
 def load(data_dir: str | None = None, custom: bool = False,
          no_spaces: bool = False) -> tuple[Vocab, dict[str, torch.Tensor]]:
     """Returns the vocabulary and {split: LongTensor (N, SLOTS)} for train / val / test.
     Every file must match the published SHA-256 (local folders and the cache alike), so that numbers stay
     comparable; custom=True accepts other files on purpose. no_spaces removes the spaces of every caption
-    (the segmentation papers' protocol; a different string, so a different vocabulary and NLPPS)."""
+    (the segmentation papers' protocol; a different string, so a different vocabulary and NLPPS) and adds
+    {split + "_spaces": removed_spaces(...)}, where they were, to score a segmentation against."""
     captions = {}
     for split, name in FILES.items():
         path = find_file(name, data_dir)
@@ -125,12 +139,13 @@ def load(data_dir: str | None = None, custom: bool = False,
         captions[split] = read_captions(path)
         if not any(line.strip() for line in captions[split]):
             raise UserError(f"{path} holds no captions")
+    spaces = {split + "_spaces": removed_spaces(lines) for split, lines in captions.items()} if no_spaces else {}
     if no_spaces:
         captions = {split: [line.replace(" ", "") for line in lines] for split, lines in captions.items()}
     vocab = Vocab([c for line in captions["train"] for c in line])
     tensors = {split: torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long)
                for split, lines in captions.items()}
-    return vocab, tensors
+    return vocab, tensors | spaces
 
 
 def num_chars(x: torch.Tensor) -> torch.Tensor:

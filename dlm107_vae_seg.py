@@ -351,20 +351,6 @@ def build_model(vocab, train, cfg):
 
 
 # ----------------------------------------------------------------------------- segmentation scores
-def removed_spaces(split, cfg):
-    """--no-spaces: (N, SLOTS) bool, a space followed character t of the caption as data.py encodes it."""
-    gold = torch.zeros(len(lines := data.read_captions(data.find_file(data.FILES[split], cfg.data_dir or None))),
-                       data.SLOTS, dtype=torch.bool)
-    for row, line in enumerate(lines):
-        t = -1
-        for c in line:
-            if c != " ":
-                t += 1
-            elif 0 <= t < data.SLOTS:
-                gold[row, t] = True
-    return gold
-
-
 def segmentation_counts(x, cuts, space, gold=None):
     """x (B, L), cuts (B, L) -> counts of inner cuts (not after the last character), decisions, pieces, boundary
     hits, gold boundaries, word hits, predicted and gold words. Gold: the removed spaces (gold, --no-spaces), or
@@ -502,8 +488,7 @@ def with_cuts(vocab, ids, cuts):
 
 def eval_split(model, vocab, splits, split, cfg, device, run, step, epoch):
     t0 = time.time()
-    gold = removed_spaces(split, cfg) if cfg.no_spaces else None
-    ev = evaluate(model, splits[split], cfg, device, final=split == "test", gold=gold)
+    ev = evaluate(model, splits[split], cfg, device, final=split == "test", gold=splits.get(split + "_spaces"))
     run.report_eval(split, ev, splits[split], step, epoch, time.time() - t0)
     return ev
 
