@@ -4,7 +4,8 @@ A caption x = c_1 .. c_n (n <= 99 characters, see data.py) is a sequence of piec
 (K = --max-piece), then the empty piece that ends it. A piece starting after i characters depends on the
 characters before it, not on how they were cut (Kawakami, Dyer & Blunsom 2019; Sun & Deng 2018):
     h_i = GRU(h_{i-1}, e[c_i]),  h_0 from <bos>                          (context GRU over the characters)
-    p_chars(piece | h_i) = prod_t p(c_t | c_<t, s_0 = tanh(W h_i)) * p(<pad> | all of it)   (piece GRU)
+    p_chars(piece | h_i) = prod_t p(c_t | c_<t, s_0 = tanh(W h_i)) * p(<pad> | all of it)   (piece GRU;
+                           --piece-context adds U h_i to its input at every character, not at the start only)
     p(piece | h_i) = g(h_i) p_lex(piece | h_i) + (1 - g(h_i)) p_chars(piece | h_i)        (lexical memory)
 p_lex is a distribution over the M most frequent substrings of the training captions (--lexicon, lengths
 --lex-min..--lex-max): a mixture of C learned softmaxes over the entries, weighted by the context,
@@ -66,6 +67,7 @@ class Config(common.BaseConfig):
     lex_min: int = arg(2, "shortest substring in the lexicon", low=1)
     lex_max: int = arg(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_components: int = arg(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
+    piece_context: bool = arg(False, "the piece GRU reads W h_i at every character, not only at its start")
     inference: str = arg("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
                          choices=("exact", "reinforce"))
     segmenter: str = arg("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
@@ -210,6 +212,7 @@ class Model(nn.Module):
         self.piece_start = nn.Parameter(torch.randn(E))  # the input before a piece's first character
         self.piece_cell = nn.GRUCell(E, D)
         self.piece_out = nn.Linear(D, vocab_size)
+        self.piece_context = nn.Linear(E, 3 * D, bias=False) if cfg.piece_context else None  # added to every input
         self.register_buffer("never", torch.zeros(vocab_size).index_fill(0, torch.tensor(data.BOS), -math.inf),
                              persistent=False)
         self.register_buffer("lexicon", lexicon)  # (M, lex_max) saved in the checkpoint: a plain tensor
@@ -254,21 +257,30 @@ class Model(nn.Module):
             ids.append(self.trie_entry[node])
         return torch.stack(ids, 1)
 
+    def piece_step(self, gates_in, s, h):
+        """One step of the piece GRU from its input half W_i e[c] + b_i (N, 3D), state s (N, D) and context h
+        (N, E): GRUCell's equations written out, so that the input half can be computed once per character."""
+        if self.piece_context is not None:
+            gates_in = gates_in + self.piece_context(h)
+        in_r, in_z, in_n = gates_in.chunk(3, -1)
+        h_r, h_z, h_n = F.linear(s, self.piece_cell.weight_hh, self.piece_cell.bias_hh).chunk(3, -1)
+        r, z = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
+        return torch.lerp(torch.tanh(in_n + r * h_n), s, z)  # (1 - z) n + z s
+
+    def piece_input(self, inputs):
+        return F.linear(inputs, self.piece_cell.weight_ih, self.piece_cell.bias_ih)
+
     def piece_states(self, x, live, h):
         """The piece GRU's state after each character of every window: (P, K, D), started from tanh(W h_i) with
-        the input piece_start, then c_{i+1} .. c_{i+K-1}. GRUCell's equations written out, so that the input
-        half, W_i e[c] + b_i, is computed once per character of the caption, not once per window."""
-        cell, K = self.piece_cell, self.K
-        gates_in = F.linear(self.embed(F.pad(x, (0, K))), cell.weight_ih, cell.bias_ih)    # (B, L+K, 3D)
+        the input piece_start, then c_{i+1} .. c_{i+K-1}; the input half of a character is computed once per
+        character of the caption, not once per window."""
+        K = self.K
+        gates_in = self.piece_input(self.embed(F.pad(x, (0, K))))                           # (B, L+K, 3D)
         b, i = live.nonzero(as_tuple=True)
         gates_in = gates_in[b[:, None], i[:, None] + torch.arange(K - 1, device=x.device)]  # (P, K-1, 3D)
-        start = F.linear(self.piece_start, cell.weight_ih, cell.bias_ih).expand(len(b), -1)
         s, states = torch.tanh(self.piece_init(h)), []
-        for gates in [start] + list(gates_in.unbind(1)):
-            in_r, in_z, in_n = gates.chunk(3, -1)
-            h_r, h_z, h_n = F.linear(s, cell.weight_hh, cell.bias_hh).chunk(3, -1)
-            r, z = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
-            s = torch.lerp(torch.tanh(in_n + r * h_n), s, z)  # (1 - z) n + z s
+        for gates in [self.piece_input(self.piece_start).expand(len(b), -1)] + list(gates_in.unbind(1)):
+            s = self.piece_step(gates, s, h)
             states.append(s)
         return torch.stack(states, 1)
 
@@ -463,7 +475,7 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
             chars &= t < room
             if not chars.any():
                 break
-            s = model.piece_cell(inputs, s)
+            s = model.piece_step(model.piece_input(inputs), s, h)
             symbol = draw(model.piece_out(s) + model.never)
             done |= chars & (symbol == data.PAD) & (t == 0)  # the empty piece ends the caption
             chars &= symbol != data.PAD

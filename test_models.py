@@ -651,9 +651,9 @@ def enumerated_log_joint(scores, closing, n, z):
     return total
 
 
-@pytest.mark.parametrize("lexicon", [True, False])
-def test_dlm107_chart_viterbi_and_cut_marginals_equal_enumeration_and_p_sums_to_one(lexicon):
-    model, total = tiny_seg(lexicon), 0.0
+@pytest.mark.parametrize("lexicon, piece_context", [(True, False), (False, False), (True, True)])
+def test_dlm107_chart_viterbi_and_cut_marginals_equal_enumeration_and_p_sums_to_one(lexicon, piece_context):
+    model, total = tiny_seg(lexicon, piece_context=piece_context), 0.0
     for chars in all_captions():
         x, n = seg_caption(chars), len(chars)
         with torch.no_grad():
@@ -686,8 +686,9 @@ def test_dlm107_lexicon_really_adds_mass_and_is_renormalised_near_the_end():
     assert log_g[0] < -1e8 and log_not_g[0] == 0 and log_g[1] > -50
 
 
-def test_dlm107_sampler_draws_captions_and_cuts_with_the_probabilities_the_chart_scores():
-    model, n = tiny_seg(), 20000
+@pytest.mark.parametrize("piece_context", [False, True])
+def test_dlm107_sampler_draws_captions_and_cuts_with_the_probabilities_the_chart_scores(piece_context):
+    model, n = tiny_seg(piece_context=piece_context), 20000
     x, cuts = seg.sample(model, n, 1.0, torch.device("cpu"), torch.Generator().manual_seed(0), slots=SLOTS)
     unique, counts = torch.cat([x, cuts.long()], 1).unique(dim=0, return_counts=True)
     with torch.no_grad():
