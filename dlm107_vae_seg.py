@@ -67,7 +67,7 @@ class Config(common.BaseConfig):
     lex_min: int = arg(2, "shortest substring in the lexicon", low=1)
     lex_max: int = arg(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_components: int = arg(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
-    piece_context: bool = arg(False, "the piece GRU reads W h_i at every character, not only at its start")
+    piece_context: bool = arg(False, "the piece GRU reads U h_i at every character, not only through its start state")
     inference: str = arg("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
                          choices=("exact", "reinforce"))
     segmenter: str = arg("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
