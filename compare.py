@@ -66,7 +66,7 @@ def data_of(run: Run) -> str:
     labels = {r.get("data", "multi30k") for r in run.metrics if r["kind"] == "test"}
     if run.args.get("custom_data"):
         labels.add("custom data")
-    if run.args.get("no_spaces") or run.args.get("spaces") is False:  # dlm107 --no-spaces
+    if run.args.get("spaces") is False:  # dlm107 --no-spaces
         labels.add("spaces removed")
     return ", ".join(sorted(labels - {"multi30k"})) or "multi30k"
 

@@ -139,8 +139,9 @@ def load(data_dir: str | None = None, custom: bool = False,
         captions[split] = read_captions(path)
         if not any(line.strip() for line in captions[split]):
             raise UserError(f"{path} holds no captions")
-    spaces = {split + "_spaces": removed_spaces(lines) for split, lines in captions.items()} if no_spaces else {}
+    spaces = {}
     if no_spaces:
+        spaces = {split + "_spaces": removed_spaces(lines) for split, lines in captions.items()}
         captions = {split: [line.replace(" ", "") for line in lines] for split, lines in captions.items()}
     vocab = Vocab([c for line in captions["train"] for c in line])
     tensors = {split: torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long)

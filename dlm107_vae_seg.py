@@ -257,11 +257,9 @@ class Model(nn.Module):
             ids.append(self.trie_entry[node])
         return torch.stack(ids, 1)
 
-    def piece_step(self, gates_in, s, h):
-        """One step of the piece GRU from its input half W_i e[c] + b_i (N, 3D), state s (N, D) and context h
-        (N, E): GRUCell's equations written out, so that the input half can be computed once per character."""
-        if self.piece_context is not None:
-            gates_in = gates_in + self.piece_context(h)
+    def piece_step(self, gates_in, s):
+        """One step of the piece GRU from its input half W_i e[c] + b_i (+ U h_i) (N, 3D) and state s (N, D):
+        GRUCell's equations written out, so that the input half can be computed once per character."""
         in_r, in_z, in_n = gates_in.chunk(3, -1)
         h_r, h_z, h_n = F.linear(s, self.piece_cell.weight_hh, self.piece_cell.bias_hh).chunk(3, -1)
         r, z = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
@@ -269,6 +267,10 @@ class Model(nn.Module):
 
     def piece_input(self, inputs):
         return F.linear(inputs, self.piece_cell.weight_ih, self.piece_cell.bias_ih)
+
+    def piece_context_gates(self, h):
+        """U h_i, the same at every character of a piece (--piece-context), else 0."""
+        return self.piece_context(h) if self.piece_context is not None else 0.0
 
     def piece_states(self, x, live, h):
         """The piece GRU's state after each character of every window: (P, K, D), started from tanh(W h_i) with
@@ -278,9 +280,9 @@ class Model(nn.Module):
         gates_in = self.piece_input(self.embed(F.pad(x, (0, K))))                           # (B, L+K, 3D)
         b, i = live.nonzero(as_tuple=True)
         gates_in = gates_in[b[:, None], i[:, None] + torch.arange(K - 1, device=x.device)]  # (P, K-1, 3D)
-        s, states = torch.tanh(self.piece_init(h)), []
+        s, states, context = torch.tanh(self.piece_init(h)), [], self.piece_context_gates(h)
         for gates in [self.piece_input(self.piece_start).expand(len(b), -1)] + list(gates_in.unbind(1)):
-            s = self.piece_step(gates, s, h)
+            s = self.piece_step(gates + context, s)
             states.append(s)
         return torch.stack(states, 1)
 
@@ -470,12 +472,12 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
             entry = draw(model.lex_logits[component].masked_fill(model.lex_len > room[:, None], NEG))
             piece[use, :model.lexicon.shape[1]] = model.lexicon[entry[use]]
             length, chars = torch.where(use, model.lex_len[entry], 0), chars & ~use
-        s, inputs = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1)
+        s, inputs, context = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1), model.piece_context_gates(h)
         for t in range(model.K):  # the piece GRU, for the captions that took it; its end at `room` is forced
             chars &= t < room
             if not chars.any():
                 break
-            s = model.piece_step(model.piece_input(inputs), s, h)
+            s = model.piece_step(model.piece_input(inputs) + context, s)
             symbol = draw(model.piece_out(s) + model.never)
             done |= chars & (symbol == data.PAD) & (t == 0)  # the empty piece ends the caption
             chars &= symbol != data.PAD
