@@ -145,7 +145,7 @@ class BaseConfig:
     out_dir: str = arg("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME", run=True)
     run_name: str = arg("default", "name of the run folder (no path separators)", run=True)
     overwrite: bool = arg(False, "start afresh in a run folder that already holds a run (deletes it)", run=True)
-    resume: bool = arg(False, "continue from the run folder's ckpt_last.pt with its model and optimisation settings (give --epochs again if it was not 20)", run=True)
+    resume: bool = arg(False, "continue from the run folder's ckpt_last.pt with its model and optimisation settings and its --epochs (unless given anew)", run=True)
     eval_only: bool = arg(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop", run=True)
     sample_only: bool = arg(False, "print samples from the run folder's ckpt_best.pt, then stop", run=True)
     show_samples: int = arg(8, "samples printed and saved at each evaluation", low=0, run=True)
@@ -356,7 +356,7 @@ class Run:
         (self.dir / "args.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         how = f"resumed at step {step}" if step else "new run"
-        self.report(f"{self.script} | {how} | {n_params:,} parameters | {len(train):,} training captions | {device} | "
+        self.report(f"{self.script} | {how} | {self.cfg.epochs} epochs | {n_params:,} parameters | {len(train):,} training captions | {device} | "
                     f"{steps_per_epoch} steps/epoch | run folder {self.dir}")
         self.clock = dict(t0=time.time(), start_step=step, total=total_steps, epoch_t0=time.time(),
                           seen=0, loss_sum=0.0, n=0, window_t0=time.time())
@@ -511,6 +511,9 @@ def _duration(seconds: float) -> str:
 
 
 MODE_FLAGS = ("resume", "eval_only", "sample_only", "overwrite")
+# --epochs is a run flag (--resume --epochs 40 extends a run), but it also shapes the lr schedule, so a plain
+# --resume keeps the checkpoint's: resuming a 40-epoch run must not quietly turn it into a 20-epoch one
+RESUME_KEEPS = ("epochs",)
 
 
 def open_run(config_cls, script: str, description: str, argv=None):
@@ -518,7 +521,7 @@ def open_run(config_cls, script: str, description: str, argv=None):
     so a refused command leaves the folder exactly as it was. Returns (config, Run).
     With a checkpoint (--resume, --eval-only, --sample-only) the model and optimisation settings come from it
     (typing a different one is refused); the run-control flags (arg(run=True): --epochs, --device, ...) are
-    this command line's."""
+    this command line's, except that --resume without --epochs keeps the checkpoint's."""
     cfg, given = parse_config(config_cls, description, argv)
     if not cfg.run_name or cfg.run_name in (".", "..") or any(sep in cfg.run_name for sep in ("/", "\\", os.sep)):
         raise UserError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
@@ -543,7 +546,9 @@ def open_run(config_cls, script: str, description: str, argv=None):
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)} contradicts the checkpoint's {saved[k]}: "
                             "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
         names = {f.name for f in dataclasses.fields(config_cls)}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names and k not in run_only})
+        kept = {k for k in RESUME_KEEPS if cfg.resume and k not in given}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
+                                          if k in names and (k not in run_only or k in kept)})
         run.cfg = cfg
     elif any((folder / name).exists() for name in RUN_FILES) and not cfg.overwrite:
         raise UserError(f"{folder} already holds a run: add --resume to continue it, pick a new --run-name, "

@@ -334,13 +334,15 @@ def test_help_documents_every_flag_once_with_its_default(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tiny_data, tmp_path):
-    """Train 3 epochs straight; and again stopped by --max-steps 6 (mid-epoch 2), then --resume'd."""
+    """Train 3 epochs straight; and again stopped by --max-steps 6 (mid-epoch 2), then --resume'd without
+    --epochs: the run keeps its 3 epochs (and its lr schedule), not the default 20."""
     base = tiny_args(script, tiny_data, tmp_path, "--epochs", "3")
     call_ok(script, base + ["--run-name", "straight"])
     call_ok(script, base + ["--run-name", "split", "--max-steps", "6"])
     with open(tmp_path / script / "split" / "metrics.jsonl", "a") as f:  # as if killed after logging step 7
         f.write(json.dumps(dict(kind="train", step=7, epoch=1.75, nlpps=1.0)) + "\n")
-    call_ok(script, base + ["--run-name", "split", "--resume"])
+    out = call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "split", "--resume"))
+    assert "resumed at step 6 | 3 epochs |" in out
     straight, split = tmp_path / script / "straight", tmp_path / script / "split"
     for name in common.RUN_FILES + ("curves.png",):
         assert (straight / name).exists(), name
@@ -355,6 +357,20 @@ def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tin
     values = [float(v) for v in (straight / "test_nlpps.txt").read_text().split()]
     assert len(values) == 31 and sum(values) / 31 == pytest.approx(test["nlpps"], abs=1e-3)
     assert test["data"] == "custom data" and "custom data" in (straight / "log.txt").read_text()
+
+
+def test_resume_keeps_the_runs_epochs_unless_given_anew(finished, tmp_path):
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    saved = json.loads((run_dir / "args.json").read_text())["epochs"]
+    for more, epochs in (([], saved), (["--epochs", str(saved + 5)], saved + 5)):
+        cfg, run = common.open_run(MODULES["dlm100_rnn"].Config, "dlm100_rnn", "",
+                                   ["--resume", "--out-dir", str(out_dir), *more])
+        run.release()
+        assert cfg.epochs == epochs != 20
+    cfg, run = common.open_run(MODULES["dlm100_rnn"].Config, "dlm100_rnn", "",  # only --resume keeps it
+                               ["--eval-only", "--out-dir", str(out_dir)])
+    run.release()
+    assert cfg.epochs == 20
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
