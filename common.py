@@ -356,8 +356,8 @@ class Run:
         (self.dir / "args.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         how = f"resumed at step {step}" if step else "new run"
-        self.report(f"{self.script} | {how} | {self.cfg.epochs} epochs | {n_params:,} parameters | {len(train):,} training captions | {device} | "
-                    f"{steps_per_epoch} steps/epoch | run folder {self.dir}")
+        self.report(f"{self.script} | {how} | {self.cfg.epochs} epochs | {n_params:,} parameters | "
+                    f"{len(train):,} training captions | {device} | {steps_per_epoch} steps/epoch | run folder {self.dir}")
         self.clock = dict(t0=time.time(), start_step=step, total=total_steps, epoch_t0=time.time(),
                           seen=0, loss_sum=0.0, n=0, window_t0=time.time())
 
@@ -511,9 +511,6 @@ def _duration(seconds: float) -> str:
 
 
 MODE_FLAGS = ("resume", "eval_only", "sample_only", "overwrite")
-# --epochs is a run flag (--resume --epochs 40 extends a run), but it also shapes the lr schedule, so a plain
-# --resume keeps the checkpoint's: resuming a 40-epoch run must not quietly turn it into a 20-epoch one
-RESUME_KEEPS = ("epochs",)
 
 
 def open_run(config_cls, script: str, description: str, argv=None):
@@ -545,10 +542,12 @@ def open_run(config_cls, script: str, description: str, argv=None):
             k = clash[0]
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)} contradicts the checkpoint's {saved[k]}: "
                             "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
+        if cfg.resume and "epochs" not in given:
+            # --epochs is a run flag (--resume --epochs 40 extends a run), but it also shapes the lr schedule:
+            # a plain --resume must not quietly turn a 40-epoch run into a 20-epoch one
+            run_only -= {"epochs"}
         names = {f.name for f in dataclasses.fields(config_cls)}
-        kept = {k for k in RESUME_KEEPS if cfg.resume and k not in given}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
-                                          if k in names and (k not in run_only or k in kept)})
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names and k not in run_only})
         run.cfg = cfg
     elif any((folder / name).exists() for name in RUN_FILES) and not cfg.overwrite:
         raise UserError(f"{folder} already holds a run: add --resume to continue it, pick a new --run-name, "
