@@ -22,11 +22,24 @@ from pathlib import Path
 
 import torch
 
-import common
 import data
-from common import UserError
 
 LENGTH_BUCKETS = [(0, 30), (30, 45), (45, 60), (60, 80), (80, 100)]
+
+
+class UserError(Exception):
+    """Runs that cannot be compared, or bad arguments: one line for the user."""
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a torn line (a run killed while writing it) is left out."""
+    records = []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 @dataclasses.dataclass
@@ -51,8 +64,13 @@ def load_run(path: Path) -> Run:
         if not (path / name).is_file():
             raise UserError(f"{path} has no {name}: is it a finished run folder?")
     script = path.parent.name
-    ckpt = common.load_checkpoint(path / "ckpt_best.pt", script)
-    metrics = common.read_metrics(path)
+    try:
+        ckpt = torch.load(path / "ckpt_best.pt", map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"{path / 'ckpt_best.pt'} is not a readable checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise UserError(f"{path / 'ckpt_best.pt'} is not a {script} checkpoint")
+    metrics = read_metrics(path)
     if not any(r["kind"] == "test" for r in metrics):
         raise UserError(f"{path}/metrics.jsonl has no test record")
     nlpps = torch.tensor([float(v) for v in (path / "test_nlpps.txt").read_text().split()])
@@ -79,12 +97,15 @@ def check_comparable(runs: list[Run]) -> None:
                             "different strings, not comparable")
         if run.vocab != first.vocab:
             raise UserError(f"{run.name} and {first.name} used different vocabularies (different data): not comparable")
+        checksums = run.args.get("data_sha256"), first.args.get("data_sha256")
+        if None not in checksums and checksums[0] != checksums[1]:
+            raise UserError(f"{run.name} and {first.name} were made from different data files (SHA-256): not comparable")
         if len(run.nlpps) != len(first.nlpps):
             raise UserError(f"{run.name} has {len(run.nlpps)} test values, {first.name} {len(first.nlpps)}: "
                             "the files do not line up")
 
 
-# Run-control flags (arg(..., run=True)) say how a run ran, not what it is; these few change its number.
+# A script's RUN_FLAGS say how a run ran, not what it is; these few change its number.
 RUN_FLAGS_SHOWN = {"epochs", "dtype", "iw_samples"}
 
 
@@ -92,10 +113,10 @@ def key_hyperparameters(run: Run) -> str:
     """The settings that differ from the script's defaults, e.g. 'depth=11 lr=0.0001'."""
     try:
         script = importlib.import_module(run.script)
-        defaults, skip = dataclasses.asdict(script.Config()), common.run_flags(script.Config) - RUN_FLAGS_SHOWN
+        defaults, skip = dataclasses.asdict(script.Config()), script.RUN_FLAGS - RUN_FLAGS_SHOWN
     except (ImportError, AttributeError):
         defaults, skip = {}, set()
-    diff = [f"{k}={v}" for k, v in run.args.items() if k not in skip and defaults.get(k, v) != v]
+    diff = [f"{k}={v}" for k, v in run.args.items() if k not in skip | {"data_sha256"} and defaults.get(k, v) != v]
     return " ".join(diff) or "defaults"
 
 
@@ -147,7 +168,7 @@ def plot(runs: list[Run], pairs, lengths: torch.Tensor, out: Path) -> None:
     fig, axes = plt.subplots(1, 3 + bool(steps), figsize=(16 + 5 * bool(steps), 4.5))
     ax_s, ax_l, ax_c = axes[:3]
     a, b = pairs[0]
-    ax_s.scatter(a.nlpps, b.nlpps, s=4, alpha=0.5)
+    ax_s.scatter(a.nlpps.numpy(), b.nlpps.numpy(), s=4, alpha=0.5)
     hi = float(max(a.nlpps.max(), b.nlpps.max()))
     ax_s.plot([0, hi], [0, hi], "k--", lw=0.8)
     ax_s.set(xlabel=f"{a.name} NLPPS", ylabel=f"{b.name} NLPPS", title="per test caption")
@@ -200,7 +221,10 @@ def compare(argv=None) -> str:
         lines += pair_report(a, b, captions, args.top)
     lines += ["## Mean test NLPPS by caption length", ""] + length_report(runs, lengths)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     text = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(text)
     plot(runs, pairs, lengths, out)
@@ -211,7 +235,7 @@ def compare(argv=None) -> str:
 def main(argv=None):
     try:
         compare(argv)
-    except UserError as e:
+    except (UserError, data.DataError) as e:
         sys.exit(f"compare: error: {e}")
 
 

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from common import UserError
-
 SLOTS = 100
 PAD, BOS, UNK = 0, 1, 2
 SPECIALS = ["<pad>", "<bos>", "<unk>"]
@@ -35,6 +33,10 @@ SHA256 = {
 }
 CACHE_DIR = Path(__file__).resolve().parent / ".data" / "multi30k"
 ENV_VAR = "DLM_DATA_DIR"
+
+
+class DataError(Exception):
+    """Data that cannot be had or used (missing, not the published files, unreadable): one line for the user."""
 
 
 def emittable(log_probs: torch.Tensor) -> torch.Tensor:
@@ -78,11 +80,11 @@ def _download(name: str, folder: Path) -> Path:
         urllib.request.urlretrieve(URL + name, tmp)
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{name} is not in {folder} and downloading {URL + name} failed ({e}); "
+        raise DataError(f"{name} is not in {folder} and downloading {URL + name} failed ({e}); "
                         f"pass --data-dir or set {ENV_VAR} to a folder holding {name}") from None
     if _sha256(tmp) != SHA256[name]:
         tmp.unlink()
-        raise UserError(f"downloaded {name} does not match its SHA-256 checksum; deleted it, not used")
+        raise DataError(f"downloaded {name} does not match its SHA-256 checksum; deleted it, not used")
     tmp.replace(path)
     return path
 
@@ -93,7 +95,7 @@ def find_file(name: str, data_dir: str | None = None) -> Path:
     if local:
         path = Path(local) / name
         if not path.is_file():
-            raise UserError(f"{name} not found in {local} (from {'--data-dir' if data_dir else ENV_VAR}); "
+            raise DataError(f"{name} not found in {local} (from {'--data-dir' if data_dir else ENV_VAR}); "
                             f"it can be downloaded from {URL + name}")
         return path
     path = CACHE_DIR / name
@@ -107,7 +109,7 @@ def read_captions(path: Path) -> list[str]:
             return [line.rstrip("\n") for line in f]
     except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error, OSError) as e:
         why = {EOFError: "truncated", gzip.BadGzipFile: "not a gzip file", UnicodeDecodeError: "not UTF-8 text"}
-        raise UserError(f"cannot read {path}: {why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
+        raise DataError(f"cannot read {path}: {why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
 
 
 def removed_spaces(lines: list[str]) -> torch.Tensor:
@@ -124,21 +126,23 @@ def removed_spaces(lines: list[str]) -> torch.Tensor:
 
 
 def load(data_dir: str | None = None, custom: bool = False,
-         no_spaces: bool = False) -> tuple[Vocab, dict[str, torch.Tensor]]:
-    """Returns the vocabulary and {split: LongTensor (N, SLOTS)} for train / val / test.
+         no_spaces: bool = False) -> tuple[Vocab, dict[str, torch.Tensor], dict[str, str]]:
+    """Returns the vocabulary, {split: LongTensor (N, SLOTS)} for train / val / test, and {file: SHA-256} of the
+    files read (a run records them, so that --resume and compare.py can tell when the data changed).
     Every file must match the published SHA-256 (local folders and the cache alike), so that numbers stay
     comparable; custom=True accepts other files on purpose. no_spaces removes the spaces of every caption
     (the segmentation papers' protocol; a different string, so a different vocabulary and NLPPS) and adds
     {split + "_spaces": removed_spaces(...)}, where they were, to score a segmentation against."""
-    captions = {}
+    captions, sha256 = {}, {}
     for split, name in FILES.items():
         path = find_file(name, data_dir)
-        if not custom and _sha256(path) != SHA256[name]:
-            raise UserError(f"{path} is not the published {name} (SHA-256 mismatch), so its numbers would not be "
+        sha256[name] = _sha256(path)
+        if not custom and sha256[name] != SHA256[name]:
+            raise DataError(f"{path} is not the published {name} (SHA-256 mismatch), so its numbers would not be "
                             "comparable; pass --custom-data to use other files on purpose")
         captions[split] = read_captions(path)
         if not any(line.strip() for line in captions[split]):
-            raise UserError(f"{path} holds no captions")
+            raise DataError(f"{path} holds no captions")
     spaces = {}
     if no_spaces:
         spaces = {split + "_spaces": removed_spaces(lines) for split, lines in captions.items()}
@@ -146,7 +150,7 @@ def load(data_dir: str | None = None, custom: bool = False,
     vocab = Vocab([c for line in captions["train"] for c in line])
     tensors = {split: torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long)
                for split, lines in captions.items()}
-    return vocab, tensors | spaces
+    return vocab, tensors | spaces, sha256
 
 
 def num_chars(x: torch.Tensor) -> torch.Tensor:

@@ -36,14 +36,24 @@ space in the vocabulary; the papers' protocol; a different string, labelled so) 
 the removed spaces. Boundary F1 with the spaces kept: a cut just before or just after a space marks that word
 boundary; word F1: a word (the characters between two boundaries, spaces left out) is right when both its
 ends are.
-README row:  python dlm107_vae_seg.py      (and --lexicon 0, --inference reinforce, --segmenter spaces, --no-spaces)
+Results row:  python dlm107_vae_seg.py      (and --lexicon 0, --inference reinforce, --segmenter spaces, --no-spaces)
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import io
+import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -51,43 +61,82 @@ import torch.nn.functional as F
 
 import common
 import data
-from common import UserError, arg
+from common import flag
+
+matplotlib.use("Agg")  # figures are files; no window
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 SCRIPT = "dlm107_vae_seg"
 SHOWN = 4  # test captions printed with their cuts and drawn in segments.png
 NEG = -1e9  # log of an impossible piece: finite, so logsumexp never takes the gradient of -inf - -inf
 
 
+class RunError(Exception):
+    """Bad input, or a stop the user must hear about: main() prints it in one line, never a traceback."""
+
+
 @dataclass
-class Config(common.BaseConfig):
-    embed: int = arg(128, "embedding and context GRU width E", low=1)
-    piece_embed: int = arg(64, "piece-decoder GRU width D", low=1)
-    max_piece: int = arg(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
-    lexicon: int = arg(10000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
-    lex_min: int = arg(2, "shortest substring in the lexicon", low=1)
-    lex_max: int = arg(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
-    lex_components: int = arg(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
-    piece_context: bool = arg(False, "the piece GRU reads U h_i at every character, not only through its start state")
-    inference: str = arg("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
+class Config:
+    # the model
+    embed: int = flag(128, "embedding and context GRU width E", low=1)
+    piece_embed: int = flag(64, "piece-decoder GRU width D", low=1)
+    max_piece: int = flag(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
+    lexicon: int = flag(10000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
+    lex_min: int = flag(2, "shortest substring in the lexicon", low=1)
+    lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
+    lex_components: int = flag(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
+    piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its start state")
+    inference: str = flag("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
                          choices=("exact", "reinforce"))
-    segmenter: str = arg("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
+    segmenter: str = flag("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
                          "space only (DLM106)", choices=("learned", "spaces"))
-    piece_cost: float = arg(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
+    piece_cost: float = flag(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
                             "fewer, longer pieces (the reported NLPPS stays the exact log p(x))", low=0)
-    parser: str = arg("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
-    train_samples: int = arg(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
-    iw_samples: int = arg(100, "reinforce: samples per caption of the test IW bound", low=1, run=True)
-    spaces: bool = arg(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')")
-    batch_size: int = arg(64, "captions per step", low=1)
-    lr: float = arg(4e-3, "peak learning rate", low=0, low_open=True)
-    eval_batch_size: int = arg(100, "captions per evaluation batch", low=1, run=True)
+    parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
+    train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
+    spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')")
+    # optimisation and data: with the model's flags, what a checkpoint keeps
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1)
+    batch_size: int = flag(64, "captions per step", low=1)
+    lr: float = flag(4e-3, "peak learning rate", above=0)
+    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
+    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
+    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise has its own)",
+                     low=0, high=2**31 - 1)
+    limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
+    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
+                             "check); such runs are labelled and compare.py keeps them apart")
+    # run control (RUN_FLAGS): how this command runs, not what the run is
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"))
+    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
+                      choices=("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile the model's loss")
+    data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
+    out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
+    run_name: str = flag("default", "name of the run folder (no path separators)")
+    overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")
+    resume: bool = flag(False, "continue from the run folder's ckpt_last.pt, with its settings")
+    eval_only: bool = flag(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop")
+    sample_only: bool = flag(False, "print samples from the run folder's ckpt_best.pt, then stop")
+    show_samples: int = flag(8, "samples printed and saved at each evaluation", low=0)
+    temperature: float = flag(1.0, "sampling temperature", low=0.01)
+    log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
+    max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
+    eval_batch_size: int = flag(100, "captions per evaluation batch", low=1)
+    iw_samples: int = flag(100, "reinforce: samples per caption of the test IW bound (an evaluation setting)", low=1)
+
 
     @property
     def no_spaces(self) -> bool:  # (a field named no_spaces would make argparse read --no-spaces as "False")
         return not self.spaces
 
 
-CURVES_SIDE = ("segmentation (Viterbi cuts vs. words)", [("val", "f1"), ("val", "word_f1"), ("val", "cut_rate")])
+# A checkpoint keeps every setting but these: --resume, --eval-only and --sample-only take the others from it.
+RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run_name", "overwrite", "resume",
+             "eval_only", "sample_only", "show_samples", "temperature", "log_every", "max_steps", "eval_batch_size",
+             "iw_samples"}
 
 
 # ----------------------------------------------------------------------------- lexicon
@@ -97,7 +146,7 @@ def build_lexicon(x, size, lex_min, lex_max):
     A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
     V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
     if V ** lex_max >= 2 ** 64:
-        raise UserError(f"--lex-max {lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
+        raise RunError(f"--lex-max {lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
     for length in range(lex_min, lex_max + 1 if size else 0):
         windows = x.unfold(1, length, 1).reshape(-1, length)               # (N * (L - length + 1), length)
         windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
@@ -203,7 +252,7 @@ class Model(nn.Module):
     def __init__(self, vocab_size: int, space: int, lexicon: torch.Tensor, cfg: Config):
         super().__init__()
         E, D = cfg.embed, cfg.piece_embed
-        self.V, self.K, self.space = vocab_size, cfg.max_piece, space
+        self.V, self.max_piece, self.space = vocab_size, cfg.max_piece, space
         self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.train_samples
         self.piece_cost = cfg.piece_cost
         self.embed = nn.Embedding(vocab_size, E)
@@ -276,7 +325,7 @@ class Model(nn.Module):
         """The piece GRU's state after each character of every window: (P, K, D), started from tanh(W h_i) with
         the input piece_start, then c_{i+1} .. c_{i+K-1}; the input half of a character is computed once per
         character of the caption, not once per window."""
-        K = self.K
+        K = self.max_piece
         gates_in = self.piece_input(self.embed(F.pad(x, (0, K))))                           # (B, L+K, 3D)
         b, i = live.nonzero(as_tuple=True)
         gates_in = gates_in[b[:, None], i[:, None] + torch.arange(K - 1, device=x.device)]  # (P, K-1, 3D)
@@ -290,10 +339,10 @@ class Model(nn.Module):
         """x (B, L) -> scores (B, L, K): log p(piece c_{i+1..i+k} | h_i) at [b, i, k-1] (NEG past the caption's
         end), and closing (B, L): log p(empty piece | h_i) (0 at i = L-1: the end is forced there)."""
         B, L = x.shape
-        n, i, k = data.num_chars(x), torch.arange(L, device=x.device), torch.arange(1, self.K + 1, device=x.device)
-        room = (L - 1 - i).clamp(max=self.K)                                     # (L,) characters a piece may hold
+        n, i, k = data.num_chars(x), torch.arange(L, device=x.device), torch.arange(1, self.max_piece + 1, device=x.device)
+        room = (L - 1 - i).clamp(max=self.max_piece)                                     # (L,) characters a piece may hold
         live = (i <= n[:, None]) & (room > 0)                                    # (B, L) starts decoded
-        windows = F.pad(x, (0, self.K), value=data.PAD).unfold(1, self.K, 1)[:, :L][live]  # (P, K)
+        windows = F.pad(x, (0, self.max_piece), value=data.PAD).unfold(1, self.max_piece, 1)[:, :L][live]  # (P, K)
         h, room = self.contexts(x)[live], room.expand(B, L)[live]               # (P, E), (P,)
         log_p = F.log_softmax(self.piece_out(self.piece_states(x, live, h)) + self.never, -1)     # (P, K, V)
         chars, stop = log_p.gather(-1, windows.unsqueeze(-1)).squeeze(-1), log_p[..., data.PAD]    # (P, K) each
@@ -307,7 +356,7 @@ class Model(nn.Module):
             lex[hit] = (log_pi[hit.nonzero()[:, 0]] + self.lex_logits.t()[ids[hit]]).logsumexp(-1)
             pieces = torch.logaddexp(log_g[:, None] + lex, log_not_g[:, None] + pieces)
             empty = log_not_g + empty
-        scores = pieces.new_full((B, L, self.K), NEG)
+        scores = pieces.new_full((B, L, self.max_piece), NEG)
         scores[live] = pieces
         scores = scores.masked_fill(i[:, None] + k > n[:, None, None], NEG)
         closing = pieces.new_full((B, L), NEG)
@@ -335,19 +384,19 @@ class Model(nn.Module):
             drawn = logits > 0
         elif drawn is None:
             drawn = torch.rand(logits.shape, generator=generator).to(x.device) < logits.sigmoid()
-        cuts, free = force_cuts(drawn, data.num_chars(x), self.K)
+        cuts, free = force_cuts(drawn, data.num_chars(x), self.max_piece)
         log_q = -F.binary_cross_entropy_with_logits(logits, cuts.to(logits.dtype), reduction="none")
         return cuts, torch.where(free, log_q, 0.0).sum(-1)
 
     def loss(self, x, drawn=None):
         """x (B, L) -> (B,) training loss: -log p(x) (exact), -log p(x, z_spaces) (spaces), or the -ELBO estimate
-        from K draws of q (reinforce; gradient pathwise for p, REINFORCE with a leave-one-out baseline for q)."""
+        from --train-samples draws of q (reinforce; gradient pathwise for p, REINFORCE with a leave-one-out baseline for q)."""
         if not (self.spaces or self.reinforce):
             return -self.log_prob(x, self.piece_cost)[0]
         scores, closing = self.piece_scores(x)
         ends, n = by_end(scores), data.num_chars(x)
         if self.spaces:
-            return -log_joint(ends, closing, n, force_cuts(x == self.space, n, self.K)[0])
+            return -log_joint(ends, closing, n, force_cuts(x == self.space, n, self.max_piece)[0])
         cuts, log_q = self.draw_cuts(x, self.train_samples, drawn=drawn)
         log_p = log_joint(ends, closing, n, cuts)                                        # (k, B)
         # the ELBO's -grad log q term has expectation zero and only adds variance: left out
@@ -356,11 +405,13 @@ class Model(nn.Module):
 
 
 def build_model(vocab, train, cfg):
+    if cfg.compile:  # its chart is a Python loop over up to 99 characters: inductor took minutes, then failed
+        raise RunError("--compile is not supported by dlm107 (its chart loop compiles for many minutes on a CPU)")
     lex_max = cfg.lex_max or cfg.max_piece
     if lex_max > cfg.max_piece or cfg.lex_min > lex_max:
-        raise UserError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {lex_max}, {cfg.max_piece}")
+        raise RunError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {lex_max}, {cfg.max_piece}")
     if cfg.segmenter == "spaces" and (cfg.inference == "reinforce" or cfg.no_spaces):
-        raise UserError("--segmenter spaces cuts after the spaces: not with --inference reinforce or --no-spaces")
+        raise RunError("--segmenter spaces cuts after the spaces: not with --inference reinforce or --no-spaces")
     return Model(len(vocab), vocab.stoi.get(" ", -1), build_lexicon(train, cfg.lexicon, cfg.lex_min, lex_max), cfg)
 
 
@@ -404,32 +455,33 @@ def segmentation_stats(counts, prefix=""):
 
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
-def evaluate(model, x, cfg, device, final=True, gold=None):
+def evaluate(model, x, batch_size, iw_samples, device, gold=None):
     """Exact -log p(x) per caption (file order), and the Viterbi segmentation scored against the words (gold:
-    the removed spaces with --no-spaces). reinforce adds -ELBO (--train-samples draws), on the final (test)
-    evaluation the IW bound (--iw-samples), KL(q || p(z|x)) and q's segmentation; spaces adds its joint."""
+    the removed spaces with --no-spaces). reinforce adds -ELBO (--train-samples draws), with iw_samples > 0
+    the IW bound from that many draws, KL(q || p(z|x)) and q's segmentation; spaces adds its joint.
+    Returns (nll, extra metrics)."""
     model.eval()
     generator, nll, extra = common.eval_generator(), [], {}
     counts = {"": 0, "q_": 0}
-    for start in range(0, len(x), cfg.eval_batch_size):
-        batch = x[start:start + cfg.eval_batch_size].to(device)
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size].to(device)
         log_px, (scores, ends, closing, n) = model.log_prob(batch)
         best = chart(ends, n, viterbi=True)[1]
         nll.append(-log_px.double().cpu())
         g = None if gold is None else gold[start:start + len(batch)].to(device)
         counts[""] = counts[""] + segmentation_counts(batch, best, model.space, g)
         if model.spaces:
-            joint = log_joint(ends, closing, n, force_cuts(batch == model.space, n, model.K)[0])
+            joint = log_joint(ends, closing, n, force_cuts(batch == model.space, n, model.max_piece)[0])
             extra["joint_nlpps"] = extra.get("joint_nlpps", 0.0) - joint.sum().item()
         if model.reinforce:
             f = []
-            total = cfg.iw_samples if final else cfg.train_samples
-            for i in range(0, total, cfg.train_samples):  # --train-samples at a time: memory as in training
-                cuts, log_q = model.draw_cuts(batch, min(cfg.train_samples, total - i), generator)
+            total = iw_samples or model.train_samples
+            for i in range(0, total, model.train_samples):  # --train-samples at a time: memory as in training
+                cuts, log_q = model.draw_cuts(batch, min(model.train_samples, total - i), generator)
                 f.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
             f = torch.cat(f)
-            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:cfg.train_samples].mean(0).sum().item()
-            if final:
+            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:model.train_samples].mean(0).sum().item()
+            if iw_samples:
                 extra["iw_nlpps"] = extra.get("iw_nlpps", 0.0) - common.logmeanexp(f, 0).sum().item()
             counts["q_"] = counts["q_"] + segmentation_counts(batch, model.draw_cuts(batch, 1, greedy=True)[0][0],
                                                               model.space, g)
@@ -440,7 +492,7 @@ def evaluate(model, x, cfg, device, final=True, gold=None):
         extra["kl_gap"] = extra["elbo_nlpps"] - nll.mean().item()
         extra.update(segmentation_stats(counts["q_"], "q_"))
     extra.update(segmentation_stats(counts[""]))
-    return common.Evaluation(nll, "exact", extra)
+    return nll, extra
 
 
 @torch.no_grad()
@@ -459,11 +511,11 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
     out, state = model.context(model.embed(torch.full((n, 1), data.BOS, device=device)))
     h = out[:, 0]
     while True:
-        room = (slots - 1 - pos).clamp(max=model.K)
+        room = (slots - 1 - pos).clamp(max=model.max_piece)
         done |= room == 0
         if done.all():
             break
-        piece, length = torch.full((n, model.K), data.PAD, dtype=torch.long, device=device), torch.zeros_like(pos)
+        piece, length = torch.full((n, model.max_piece), data.PAD, dtype=torch.long, device=device), torch.zeros_like(pos)
         chars = ~done
         if len(model.lexicon):
             g = torch.where(room >= model.lex_len.min(), (model.gate(h).squeeze(-1) / temperature).sigmoid(), 0.0)
@@ -473,7 +525,7 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
             piece[use, :model.lexicon.shape[1]] = model.lexicon[entry[use]]
             length, chars = torch.where(use, model.lex_len[entry], 0), chars & ~use
         s, inputs, context = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1), model.piece_context_gates(h)
-        for t in range(model.K):  # the piece GRU, for the captions that took it; its end at `room` is forced
+        for t in range(model.max_piece):  # the piece GRU, for the captions that took it; its end at `room` is forced
             chars &= t < room
             if not chars.any():
                 break
@@ -500,41 +552,11 @@ def with_cuts(vocab, ids, cuts):
     return "".join(vocab.decode(ids[t:t + 1]) + ("|" if cuts[t] and t < n - 1 else "") for t in range(n))
 
 
-def eval_split(model, vocab, splits, split, cfg, device, run, step, epoch):
-    t0 = time.time()
-    ev = evaluate(model, splits[split], cfg, device, final=split == "test", gold=splits.get(split + "_spaces"))
-    run.report_eval(split, ev, splits[split], step, epoch, time.time() - t0)
-    return ev
-
-
-@torch.no_grad()
-def write_samples(model, vocab, splits, cfg, device, run, epoch):
-    """Samples with their pieces, the first test captions cut by Viterbi, and segments.png: the posterior
-    probability of a cut after each of their characters."""
-    generator = torch.Generator().manual_seed(cfg.seed + epoch)  # own RNG: sampling never shifts training
-    lines = [f"[SAMPLE] {with_cuts(vocab, *s)}" for s in zip(*sample(model, cfg.show_samples, cfg.temperature,
-                                                                       device, generator))] if cfg.show_samples else []
-    shown = splits["test"][:SHOWN].to(device)
-    model.eval()
-    _, (scores, ends, _, n) = model.log_prob(shown)
-    best = chart(ends, n, viterbi=True)[1]
-    lines += [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)]
-    if model.reinforce:  # and q's likelier decisions
-        lines += [f"[SEGMENT q] {with_cuts(vocab, *s)}" for s in zip(shown, model.draw_cuts(shown, 1, greedy=True)[0][0])]
-    model.train()
-    run.write_samples(lines, epoch)
-    plot_segments(vocab, shown, cut_probabilities(scores, n), best, run.dir)
-
-
 def plot_segments(vocab, shown, cut_probs, best, folder):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(len(shown), 1, figsize=(14, 1.8 * len(shown)), squeeze=False)
     for ax, ids, p, cuts in zip(axes[:, 0], shown.cpu(), cut_probs.cpu(), best.cpu()):
         chars = [vocab.decode(ids[t:t + 1]) for t in range(int(data.num_chars(ids[None])))]
-        ax.bar(range(len(chars)), p[:len(chars)], color=["tab:orange" if c == " " else "tab:blue" for c in chars])
+        ax.bar(range(len(chars)), p[:len(chars)].numpy(), color=["tab:orange" if c == " " else "tab:blue" for c in chars])
         ax.plot([t for t in range(len(chars)) if cuts[t]], [1.02] * int(cuts.sum()), "kv", markersize=3)
         ax.set_xticks(range(len(chars)), [c.replace(" ", "_") for c in chars], fontsize=7)
         ax.set(ylim=(0, 1.08), xlim=(-1, data.SLOTS - 1), ylabel="p(cut)")
@@ -544,68 +566,305 @@ def plot_segments(vocab, shown, cut_probs, best, folder):
     plt.close(fig)
 
 
-# ============================================================================= the loop
-# From this line to the end of the file the text is the same in every script of the family (a test checks
-# it): the model above provides build_model, Model.loss, eval_split, write_samples and CURVES_SIDE.
+# ============================================================================= the run
+# The same text in every script of the family, but for the lines where a model needs more (a test checks that
+# each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+def as_flag(name, value):
+    """A setting as it is typed: --embed 64, --no-spaces."""
+    name = name.replace("_", "-")
+    return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+
+def settings(ckpt, cfg, given):
+    """The settings of a run read from its checkpoint: all but RUN_FLAGS come from it (a plain --resume also
+    keeps --epochs, which its lr schedule spans). Typing one of them with another value is refused."""
+    kept = {k: v for k, v in ckpt["args"].items() if k in Config.__dataclass_fields__
+            and (k not in RUN_FLAGS or (k == "epochs" and cfg.resume and k not in given))}
+    for k in sorted(given & kept.keys()):
+        if kept[k] != getattr(cfg, k):
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, kept[k])}: "
+                           "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
+    return dataclasses.replace(cfg, **kept)
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif not {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(name, bool)(1):
+        raise RunError(f"--device {name} was asked for but is not available here")
+    return torch.device(name)
+
+
+def save_checkpoint(state, path):
+    """Serialise in memory, write a temp file, rename it: a crash or a full disk never leaves a half-written
+    checkpoint, and the previous one stays."""
+    buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
+    torch.save(state, buffer)
+    try:
+        tmp.write_bytes(buffer.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"could not write {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+
+
+def load_checkpoint(path):
+    """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
+    if not path.is_file():
+        hint = "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir() \
+            else "check --out-dir and --run-name"
+        raise RunError(f"no checkpoint at {path} ({hint})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # empty, truncated, random bytes, a pickle with code in it
+        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this project)") from None
+    if not isinstance(state, dict) or state.get("script") != SCRIPT:
+        raise RunError(f"{path} is not a {SCRIPT} checkpoint")
+    return state
+
+
+@contextlib.contextmanager
+def hold(run_dir):
+    """Hold the run folder while this process uses it: an flock on its .lock file, which the OS releases
+    however the process ends (no lock is ever stale). A second process on the same folder is refused."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a")
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"run folder {run_dir} is in use by another process; wait for it, or pick another "
+                           "--run-name") from None
+        yield
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
+    path, records = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def log(run_dir, text, record=None):
+    """Print a line and append it to log.txt, and a record (if any) to metrics.jsonl."""
+    print(text, flush=True)
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(text + "\n")
+    if record is not None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(run_dir, title):
+    """curves.png: train and val NLPPS against epoch, from metrics.jsonl; beside it, the val segmentation."""
+    records = read_metrics(run_dir)
+    fig, (ax, segmentation) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("f1", "word_f1", "cut_rate"):
+        points = np.array([(r["epoch"], r[key]) for r in records if r["kind"] == "val"]).reshape(-1, 2)
+        segmentation.plot(points[:, 0], points[:, 1], "o-", markersize=3, label=f"val {key}")
+    segmentation.set(xlabel="epoch", title="segmentation (Viterbi cuts vs. words)")
+    segmentation.grid(alpha=0.3)
+    segmentation.legend()
+    for kind, style in (("train", ".-"), ("val", "o-")):
+        points = np.array([(r["epoch"], r["nlpps"]) for r in records if r["kind"] == kind]).reshape(-1, 2)
+        ax.plot(points[:, 0], points[:, 1], style, markersize=3, label=kind)
+    ax.set(xlabel="epoch", ylabel="NLPPS (nats per caption)", title=title, yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
+    """Score a split: the eval line, its metrics record, for test the per-caption nats compare.py reads.
+    Returns the NLPPS."""
+    t0 = time.time()
+    iw_samples = cfg.iw_samples if split == "test" else 0
+    nll, extra = evaluate(model, splits[split], cfg.eval_batch_size, iw_samples, device, splits.get(split + "_spaces"))
+    bound = "exact"
+    nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
+    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data), ("spaces removed", cfg.no_spaces)) if on)
+    scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
+    log(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} "
+        f"({', '.join(filter(None, [bound, data_label]))}){scalars} | {time.time() - t0:.1f} s",
+        dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
+             seconds=time.time() - t0, **extra))
+    if split == "test":  # in file order: compare.py lines models up caption by caption
+        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
+    return nlpps
+
+
+def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
+    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training.
+    Samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png shows the
+    posterior probability of a cut after each of their characters."""
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    lines = [f"[SAMPLE] {with_cuts(vocab, *s)}" for s in zip(*sample(model, cfg.show_samples, cfg.temperature,
+                                                                       device, generator))]
+    shown = splits["test"][:SHOWN].to(device)
+    with torch.no_grad():
+        model.eval()
+        _, (scores, ends, _, n) = model.log_prob(shown)
+        best = chart(ends, n, viterbi=True)[1]
+        lines += [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)]
+        if model.reinforce:  # and q's likelier decisions
+            lines += [f"[SEGMENT q] {with_cuts(vocab, *s)}" for s in zip(shown, model.draw_cuts(shown, 1, greedy=True)[0][0])]
+        model.train()
+    plot_segments(vocab, shown, cut_probabilities(scores, n), best, run_dir)
+    with open(run_dir / "samples.txt", "a") as f:
+        f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(line + "\n" for line in lines))
+    for line in lines:
+        log(run_dir, line)
+
+
 def run(argv=None):
-    cfg, run = common.open_run(Config, SCRIPT, __doc__, argv)  # flags, the run folder (locked), its checkpoint
-    device = common.pick_device(cfg.device)
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
+    if cfg.resume or cfg.eval_only or cfg.sample_only:
+        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
+        cfg = settings(ckpt, cfg, given)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits = data.load(cfg.data_dir or None, cfg.custom_data, getattr(cfg, "no_spaces", False))
+    vocab, splits, sha256 = data.load(cfg.data_dir or None, cfg.custom_data, cfg.no_spaces)
+    if ckpt is not None:  # the run goes on with the data it was trained on, or not at all
+        changed = [name for name, digest in sha256.items() if ckpt.get("data_sha256", sha256)[name] != digest]
+        if changed or ckpt["vocab"] != vocab.itos:
+            raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
+                           "trained on (SHA-256): pass the --data-dir it used")
     train = splits["train"][: cfg.limit_train or None]
     model = build_model(vocab, train, cfg).to(device)
-    optimizer = common.make_optimizer(model, cfg)
+    optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
+                 else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(cfg.seed)  # data order
-    step, best_val = run.restore(model, optimizer, generator, vocab)
+    last_step = min(total_steps, cfg.max_steps or total_steps)
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order
+    step, best_val = 0, math.inf
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            if cfg.resume:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                order.set_state(ckpt["epoch_rng"])
+                torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
+        step, best_val = ckpt["step"], ckpt["best_val"]
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    if cfg.sample_only:
-        return write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
-    if cfg.eval_only:
-        for split in ("val", "test"):
-            eval_split(model, vocab, splits, split, cfg, device, run, step, step / steps_per_epoch)
-        return
-    run.start(model, train, device, steps_per_epoch, total_steps, step)
-    while step < total_steps and not (cfg.max_steps and step >= cfg.max_steps):
-        epoch = step // steps_per_epoch
-        epoch_rng = generator.get_state()  # saved so a resumed run replays this epoch's order
-        for x in data.batches(train, cfg.batch_size, generator, skip=step - epoch * steps_per_epoch):
-            lr = common.set_lr(optimizer, cfg, step, total_steps)
-            with autocast:
-                loss = forward(x.to(device)).mean()
-            if not torch.isfinite(loss):
-                raise run.nan_stop(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            run.log_step(step, steps_per_epoch, len(x), loss.item(), lr)
-            if run.interrupted and step % steps_per_epoch:  # Ctrl-C mid-epoch: keep this step, then stop
-                run.save(model, optimizer, vocab, step, epoch_rng, best_val, is_best=False)
-                raise run.interrupt_stop(step)
-            if step == total_steps or (cfg.max_steps and step >= cfg.max_steps):
-                break
-        epoch_done = step % steps_per_epoch == 0
-        val = eval_split(model, vocab, splits, "val", cfg, device, run, step, step / steps_per_epoch)
-        is_best = val.nll.mean().item() <= best_val
-        best_val = min(best_val, val.nll.mean().item())
-        run.save(model, optimizer, vocab, step, generator.get_state() if epoch_done else epoch_rng, best_val, is_best)
-        write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
-        run.plot_curves(CURVES_SIDE)
-        if run.interrupted:  # Ctrl-C at the end of an epoch: it is evaluated and saved
-            raise run.interrupt_stop(step)
+    with hold(run_dir):
+        if cfg.sample_only:
+            return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+        if cfg.eval_only:
+            for split in ("val", "test"):
+                evaluate_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
+            return
+        if ckpt is None:  # a new run never mixes with an old one
+            old = [p for p in run_dir.iterdir() if p.name != ".lock"]
+            if old and not cfg.overwrite and not (run_dir / "ckpt_last.pt").exists():
+                raise RunError(f"{run_dir} holds a run stopped before its first checkpoint: --overwrite starts it "
+                               "afresh, or pick a new --run-name")
+            if old and not cfg.overwrite:
+                raise RunError(f"{run_dir} already holds a run: add --resume to continue it, pick a new --run-name, "
+                               "or --overwrite to start it afresh")
+            for path in old:
+                path.unlink()
+        else:  # records past the checkpoint are about to be replayed: drop them, so that no step shows twice
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(train):,} training captions | {device} | "
+            f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
+        stop = []  # Ctrl-C or SIGTERM while training: finish the step, save, stop; a second one stops at once
 
-    best_step = run.load_best(model)
-    eval_split(model, vocab, splits, "test", cfg, device, run, best_step, best_step / steps_per_epoch)
+        def request_stop(signum, frame):
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(signum)
+
+        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        first_step, t0 = step, time.time()
+        losses, seen, window_t0 = [], 0, t0
+        try:
+            while step < last_step:
+                epoch, epoch_t0 = step // steps_per_epoch, time.time()
+                epoch_rng = order.get_state()  # saved mid-epoch, so that a resumed run replays this epoch's order
+                for x in data.batches(train, cfg.batch_size, order, skip=step - epoch * steps_per_epoch):
+                    lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps))
+                                   if cfg.lr_schedule == "cosine" else 1.0)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with autocast:
+                        loss = forward(x.to(device)).mean()
+                    if not torch.isfinite(loss):
+                        kept = run_dir / "ckpt_last.pt"
+                        raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
+                                       f"{kept if kept.exists() else '(none yet)'} is kept")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
+                    if step % cfg.log_every == 0 or step == first_step + 1:
+                        now = time.time()
+                        eta = round((now - t0) / (step - first_step) * (last_step - step))
+                        log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
+                            f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
+                            f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
+                            dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
+                                 seq_per_s=seen / (now - window_t0)))
+                        losses, seen, window_t0 = [], 0, now
+                    if stop or step == last_step:
+                        break
+                is_best = False
+                if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+                    val = evaluate_split(model, splits, "val", cfg, device, run_dir, step, step / steps_per_epoch)
+                    is_best, best_val = val <= best_val, min(val, best_val)
+                state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                             args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
+                             epoch_rng=order.get_state() if step % steps_per_epoch == 0 else epoch_rng,
+                             torch_rng=torch.get_rng_state(), n_params=sum(p.numel() for p in model.parameters()))
+                save_checkpoint(state, run_dir / "ckpt_last.pt")
+                if is_best:
+                    save_checkpoint(state, run_dir / "ckpt_best.pt")
+                if stop:
+                    raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
+                                            "add --resume to continue from it")
+                if cfg.show_samples:
+                    write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+                plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        best = load_checkpoint(run_dir / "ckpt_best.pt")
+        model.load_state_dict(best["model"])
+        evaluate_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
 
 
 def main(argv=None):
-    common.main(SCRIPT, run, argv)
+    """Bad input of any kind ends in one line on stderr and exit status 1, never in a traceback."""
+    try:
+        run(argv)
+    except (RunError, data.DataError) as e:
+        sys.exit(f"{SCRIPT}: error: {e}")
+    except KeyboardInterrupt as e:
+        sys.exit(f"{SCRIPT}: {e or 'interrupted'}")
+    except OSError as e:  # a full disk, a read-only folder: say which file
+        sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 if __name__ == "__main__":

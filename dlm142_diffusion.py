@@ -21,52 +21,100 @@ Training samples one t per caption (stratified over the batch, scaled by T: unbi
 test number sums all T steps, one x_t draw per step and caption from common.eval_generator(), on the
 full split; each step's term is split into "stay/reveal", "token at masked slots" and "copy at unmasked
 slots" (metrics.jsonl, noise_levels.png).
-Defaults (x0, CNN E = 96, D = 6, undilated, lr 1e-3) come from 2-epoch probes on 10,000 captions: x0 beat
-the gate by 14 nats, E = 96, D = 6 beat E = 50, D = 11 by 8; dilation, lr 2e-3 and lr 3e-3 were worse;
-at 20 epochs E = 128 buys 0.3 nats for 1.45x the time, the transformer loses 15 (README).
-README rows:  python dlm142_diffusion.py                                  (the defaults; --epochs 40)
+The defaults (x0, CNN E = 96, D = 6, lr 1e-3) were chosen by measurement: RESULTS.md.
+Results rows:  python dlm142_diffusion.py                                  (the defaults; --epochs 40)
               python dlm142_diffusion.py --embed 50 --depth 11 --lr 1e-4  (the notes' network and lr)
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import io
+import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 import data
-from common import UserError, arg
+from common import flag
+
+matplotlib.use("Agg")  # figures are files; no window
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 SCRIPT = "dlm142_diffusion"
 
 
+class RunError(Exception):
+    """Bad input, or a stop the user must hear about: main() prints it in one line, never a traceback."""
+
+
 @dataclass
-class Config(common.BaseConfig):
-    param: str = arg("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); gate mixes "
+class Config:
+    # the model
+    param: str = flag("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); gate mixes "
                      "a replace softmax with copying the input (the notes')", choices=("x0", "gate"))
-    backbone: str = arg("cnn", "network over x_t: the notes' residual tanh CNN, or a transformer encoder",
+    backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN, or a transformer encoder",
                         choices=("cnn", "transformer"))
-    embed: int = arg(96, "embedding and channel width E (the notes' network: 50)", low=1)
-    depth: int = arg(6, "residual conv blocks, or transformer layers, D (the notes' network: 11)", low=1)
-    kernel: int = arg(5, "conv kernel width (odd, so a slot's output sits on the slot)", low=1, odd=True)
-    dilation: str = arg("1", "conv dilations, a comma-separated cycle repeated over the depth (e.g. 1,2,4,8)")
-    heads: int = arg(4, "attention heads of the transformer (must divide E)", low=1)
-    diffusion_steps: int = arg(100, "diffusion steps T", low=1)
-    noise: str = arg("absorb", "corruption: replace by a MASK token, or by a uniform draw", choices=("absorb", "uniform"))
-    copy: bool = arg(True, "--param gate: gate between replacing and copying the input token (--no-copy: replace only)")
-    time_cond: bool = arg(False, "add a learned embedding of t to the input")
-    batch_size: int = arg(32, "captions per step", low=1)
-    lr: float = arg(1e-3, "peak learning rate", low=0, low_open=True)
-    eval_batch_size: int = arg(2000, "(caption, t) pairs per evaluation batch", low=1, run=True)
-    val_steps: int = arg(10, "steps per caption in the per-epoch val estimate (0: all T; test always sums all T)",
-                         low=0, run=True)
+    embed: int = flag(96, "embedding and channel width E (the notes' network: 50)", low=1)
+    depth: int = flag(6, "residual conv blocks, or transformer layers, D (the notes' network: 11)", low=1)
+    kernel: int = flag(5, "conv kernel width (odd, so a slot's output sits on the slot)", low=1)
+    dilation: str = flag("1", "conv dilations, a comma-separated cycle repeated over the depth (e.g. 1,2,4,8)")
+    heads: int = flag(4, "attention heads of the transformer (must divide E)", low=1)
+    diffusion_steps: int = flag(100, "diffusion steps T", low=1)
+    noise: str = flag("absorb", "corruption: replace by a MASK token, or by a uniform draw", choices=("absorb", "uniform"))
+    copy: bool = flag(True, "--param gate: gate between replacing and copying the input token (--no-copy: replace only)")
+    time_cond: bool = flag(False, "add a learned embedding of t to the input")
+    # optimisation and data: with the model's flags, what a checkpoint keeps
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1)
+    batch_size: int = flag(32, "captions per step", low=1)
+    lr: float = flag(1e-3, "peak learning rate", above=0)
+    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
+    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
+    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise has its own)",
+                     low=0, high=2**31 - 1)
+    limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
+    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
+                             "check); such runs are labelled and compare.py keeps them apart")
+    # run control (RUN_FLAGS): how this command runs, not what the run is
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"))
+    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
+                      choices=("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile the model's loss")
+    data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
+    out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
+    run_name: str = flag("default", "name of the run folder (no path separators)")
+    overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")
+    resume: bool = flag(False, "continue from the run folder's ckpt_last.pt, with its settings")
+    eval_only: bool = flag(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop")
+    sample_only: bool = flag(False, "print samples from the run folder's ckpt_best.pt, then stop")
+    show_samples: int = flag(8, "samples printed and saved at each evaluation", low=0)
+    temperature: float = flag(1.0, "sampling temperature", low=0.01)
+    log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
+    max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
+    eval_batch_size: int = flag(2000, "(caption, t) pairs per evaluation batch", low=1)
+    val_steps: int = flag(10, "steps per caption in the per-epoch val estimate (0: all T; test always sums all T)", low=0)
 
 
-CURVES_SIDE = None  # the per-step view is noise_levels.png
+# A checkpoint keeps every setting but these: --resume, --eval-only and --sample-only take the others from it.
+RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run_name", "overwrite", "resume",
+             "eval_only", "sample_only", "show_samples", "temperature", "log_every", "max_steps", "eval_batch_size",
+             "val_steps"}
+
+
 TERMS = ("reveal", "token", "copy")  # the parts of each step's term: stay/reveal, token at masked, copy at unmasked
 
 
@@ -128,7 +176,7 @@ def dilation_cycle(text: str, depth: int) -> list[int]:
     except ValueError:
         cycle = []
     if not cycle or min(cycle) < 1:
-        raise UserError(f"--dilation wants positive integers separated by commas, e.g. 1,2,4,8; got {text!r}")
+        raise RunError(f"--dilation wants positive integers separated by commas, e.g. 1,2,4,8; got {text!r}")
     return [cycle[i % len(cycle)] for i in range(depth)]
 
 
@@ -154,7 +202,7 @@ class Transformer(nn.Module):
     def __init__(self, width, depth, heads):
         super().__init__()
         if width % heads:
-            raise UserError(f"--heads {heads} must divide --embed {width}")
+            raise RunError(f"--heads {heads} must divide --embed {width}")
         # learned, but started from sines and cosines, whose dot products already single out nearby slots:
         # from a random start the network was stuck near a context-free predictor for 2 epochs
         angles = torch.arange(data.SLOTS)[:, None] * torch.exp(-math.log(1e4) * torch.arange(0, width, 2) / width)
@@ -172,10 +220,12 @@ class Model(nn.Module):
     def __init__(self, vocab_size: int, cfg: Config):
         super().__init__()
         if cfg.param == "x0" and cfg.noise != "absorb":
-            raise UserError("--param x0 predicts the character under a MASK, so it needs --noise absorb; "
+            raise RunError("--param x0 predicts the character under a MASK, so it needs --noise absorb; "
                             "use --param gate with --noise uniform")
+        if cfg.kernel % 2 == 0:
+            raise RunError(f"--kernel {cfg.kernel} must be odd, so that a slot's output sits on the slot")
         if cfg.param == "x0" and not cfg.copy:
-            raise UserError("--no-copy removes the copy gate of --param gate; --param x0 has no gate")
+            raise RunError("--no-copy removes the copy gate of --param gate; --param x0 has no gate")
         self.corruption = Corruption(vocab_size, cfg.diffusion_steps, cfg.noise)
         S, E = self.corruption.states, cfg.embed
         self.param = cfg.param
@@ -259,14 +309,14 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
-def evaluate(model, x, cfg, device, final=True) -> common.Evaluation:
-    """The bound of every caption of x (N, L): all steps t = 1..T summed, one x_t draw per step and
-    caption from common.eval_generator(); extra holds the mean term of each step, total and by TERMS.
-    Not final (the per-epoch val check), with 0 < cfg.val_steps = k < T: k stratified steps per caption
-    weighted by T/k, an unbiased estimate of the same bound at k/T of the cost; then no per-step terms."""
+def evaluate(model, x, steps, batch_size, device):
+    """The bound of every caption of x (N, L): all steps t = 1..T summed, one x_t draw per step and caption
+    from common.eval_generator(); extra holds the mean term of each step, total and by TERMS. With
+    0 < steps = k < T (the per-epoch val check): k stratified steps per caption weighted by T/k, an unbiased
+    estimate of the same bound at k/T of the cost, and no per-step terms. Returns (nll, what it is, extra)."""
     model.eval()
     T = model.corruption.T
-    k = cfg.val_steps if not final and 0 < cfg.val_steps < T else T
+    k = steps if 0 < steps < T else T
     generator = common.eval_generator()
     if k == T:
         t = torch.arange(1, T + 1).repeat(len(x))                           # (N * T,)
@@ -275,18 +325,18 @@ def evaluate(model, x, cfg, device, final=True) -> common.Evaluation:
         t = 1 + ((u + torch.arange(k) / k) % 1.0 * T).long().flatten()     # (N * k,)
     rows = x.repeat_interleave(k, dim=0)                                    # (N * k, L): caption-major
     noised = model.corruption.sample(rows, t, generator)  # drawn at once: the same for any --eval-batch-size
-    batches = zip(*(z.split(cfg.eval_batch_size) for z in (rows, noised, t)))
+    batches = zip(*(z.split(batch_size) for z in (rows, noised, t)))
     terms = torch.cat([model.step_terms(x0.to(device), xt.to(device), tt.to(device)).double().cpu()
-                       for x0, xt, tt in common.progress(batches, math.ceil(len(t) / cfg.eval_batch_size), "evaluating")])
+                       for x0, xt, tt in batches])
     terms = terms.view(len(x), k, len(TERMS))                               # (N, k, 3)
     model.train()
     nll = terms.sum((1, 2)) * (T / k) + model.corruption.prior_kl(x).double()
     if k < T:
-        return common.Evaluation(nll, f"-elbo, estimated from {k} of {T} steps")
+        return nll, f"-elbo, estimated from {k} of {T} steps", {}
     per_step = terms.mean(0)                                                # (T, 3)
     extra = {"per_step": per_step.sum(-1).tolist()}
     extra.update({f"per_step_{name}": per_step[:, i].tolist() for i, name in enumerate(TERMS)})
-    return common.Evaluation(nll, "-elbo", extra)
+    return nll, "-elbo", extra
 
 
 @torch.no_grad()
@@ -302,32 +352,8 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
     return x
 
 
-def build_model(vocab, train, cfg):
-    return Model(len(vocab), cfg)
-
-
-def eval_split(model, vocab, splits, split, cfg, device, run, step, epoch):
-    t0 = time.time()
-    ev = evaluate(model, splits[split], cfg, device, final=split == "test")
-    run.report_eval(split, ev, splits[split], step, epoch, time.time() - t0)
-    if split == "test":
-        plot_noise_levels(run.dir, ev.extra, model.corruption)
-    return ev
-
-
-def write_samples(model, vocab, splits, cfg, device, run, epoch):
-    if cfg.show_samples:
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # own RNG: sampling never shifts training
-        run.write_samples([f"[SAMPLE] {vocab.decode(s)}" for s in
-                           sample(model, cfg.show_samples, cfg.temperature, device, generator)], epoch)
-
-
 def plot_noise_levels(run_dir, per_step, corruption):
     """noise_levels.png: which noise levels cost the most nats, and on what (the TERMS of each step)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     noised = 1 - corruption.alpha_bar(torch.arange(1, corruption.T + 1))
     labels = {"": "total", "_reveal": "stay/reveal", "_token": "token at masked slots",
               "_copy": "copy at unmasked slots"}
@@ -343,68 +369,286 @@ def plot_noise_levels(run_dir, per_step, corruption):
     plt.close(fig)
 
 
-# ============================================================================= the loop
-# From this line to the end of the file the text is the same in every script of the family (a test checks
-# it): the model above provides build_model, Model.loss, eval_split, write_samples and CURVES_SIDE.
+# ============================================================================= the run
+# The same text in every script of the family, but for the lines where a model needs more (a test checks that
+# each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+def as_flag(name, value):
+    """A setting as it is typed: --embed 64, --no-spaces."""
+    name = name.replace("_", "-")
+    return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+
+def settings(ckpt, cfg, given):
+    """The settings of a run read from its checkpoint: all but RUN_FLAGS come from it (a plain --resume also
+    keeps --epochs, which its lr schedule spans). Typing one of them with another value is refused."""
+    kept = {k: v for k, v in ckpt["args"].items() if k in Config.__dataclass_fields__
+            and (k not in RUN_FLAGS or (k == "epochs" and cfg.resume and k not in given))}
+    for k in sorted(given & kept.keys()):
+        if kept[k] != getattr(cfg, k):
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, kept[k])}: "
+                           "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
+    return dataclasses.replace(cfg, **kept)
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif not {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(name, bool)(1):
+        raise RunError(f"--device {name} was asked for but is not available here")
+    return torch.device(name)
+
+
+def save_checkpoint(state, path):
+    """Serialise in memory, write a temp file, rename it: a crash or a full disk never leaves a half-written
+    checkpoint, and the previous one stays."""
+    buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
+    torch.save(state, buffer)
+    try:
+        tmp.write_bytes(buffer.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"could not write {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+
+
+def load_checkpoint(path):
+    """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
+    if not path.is_file():
+        hint = "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir() \
+            else "check --out-dir and --run-name"
+        raise RunError(f"no checkpoint at {path} ({hint})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # empty, truncated, random bytes, a pickle with code in it
+        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this project)") from None
+    if not isinstance(state, dict) or state.get("script") != SCRIPT:
+        raise RunError(f"{path} is not a {SCRIPT} checkpoint")
+    return state
+
+
+@contextlib.contextmanager
+def hold(run_dir):
+    """Hold the run folder while this process uses it: an flock on its .lock file, which the OS releases
+    however the process ends (no lock is ever stale). A second process on the same folder is refused."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a")
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"run folder {run_dir} is in use by another process; wait for it, or pick another "
+                           "--run-name") from None
+        yield
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
+    path, records = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def log(run_dir, text, record=None):
+    """Print a line and append it to log.txt, and a record (if any) to metrics.jsonl."""
+    print(text, flush=True)
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(text + "\n")
+    if record is not None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(run_dir, title):
+    """curves.png: train and val NLPPS against epoch, from metrics.jsonl."""
+    records = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("train", ".-"), ("val", "o-")):
+        points = np.array([(r["epoch"], r["nlpps"]) for r in records if r["kind"] == kind]).reshape(-1, 2)
+        ax.plot(points[:, 0], points[:, 1], style, markersize=3, label=kind)
+    ax.set(xlabel="epoch", ylabel="NLPPS (nats per caption)", title=title, yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
+    """Score a split: the eval line, its metrics record, for test the per-caption nats compare.py reads.
+    Returns the NLPPS."""
+    t0 = time.time()
+    steps = cfg.val_steps if split == "val" else 0  # test sums all T steps
+    nll, bound, extra = evaluate(model, splits[split], steps, cfg.eval_batch_size, device)
+    nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
+    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data),) if on)
+    scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
+    log(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} "
+        f"({', '.join(filter(None, [bound, data_label]))}){scalars} | {time.time() - t0:.1f} s",
+        dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
+             seconds=time.time() - t0, **extra))
+    if split == "test":  # in file order: compare.py lines models up caption by caption
+        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
+        plot_noise_levels(run_dir, extra, model.corruption)
+    return nlpps
+
+
+def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
+    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    lines = [f"[SAMPLE] {vocab.decode(s)}" for s in sample(model, cfg.show_samples, cfg.temperature, device, generator)]
+    with open(run_dir / "samples.txt", "a") as f:
+        f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(line + "\n" for line in lines))
+    for line in lines:
+        log(run_dir, line)
+
+
 def run(argv=None):
-    cfg, run = common.open_run(Config, SCRIPT, __doc__, argv)  # flags, the run folder (locked), its checkpoint
-    device = common.pick_device(cfg.device)
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
+    if cfg.resume or cfg.eval_only or cfg.sample_only:
+        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
+        cfg = settings(ckpt, cfg, given)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits = data.load(cfg.data_dir or None, cfg.custom_data, getattr(cfg, "no_spaces", False))
+    vocab, splits, sha256 = data.load(cfg.data_dir or None, cfg.custom_data)
+    if ckpt is not None:  # the run goes on with the data it was trained on, or not at all
+        changed = [name for name, digest in sha256.items() if ckpt.get("data_sha256", sha256)[name] != digest]
+        if changed or ckpt["vocab"] != vocab.itos:
+            raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
+                           "trained on (SHA-256): pass the --data-dir it used")
     train = splits["train"][: cfg.limit_train or None]
-    model = build_model(vocab, train, cfg).to(device)
-    optimizer = common.make_optimizer(model, cfg)
+    model = Model(len(vocab), cfg).to(device)
+    optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
+                 else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(cfg.seed)  # data order
-    step, best_val = run.restore(model, optimizer, generator, vocab)
+    last_step = min(total_steps, cfg.max_steps or total_steps)
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order
+    step, best_val = 0, math.inf
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            if cfg.resume:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                order.set_state(ckpt["epoch_rng"])
+                torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
+        step, best_val = ckpt["step"], ckpt["best_val"]
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    if cfg.sample_only:
-        return write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
-    if cfg.eval_only:
-        for split in ("val", "test"):
-            eval_split(model, vocab, splits, split, cfg, device, run, step, step / steps_per_epoch)
-        return
-    run.start(model, train, device, steps_per_epoch, total_steps, step)
-    while step < total_steps and not (cfg.max_steps and step >= cfg.max_steps):
-        epoch = step // steps_per_epoch
-        epoch_rng = generator.get_state()  # saved so a resumed run replays this epoch's order
-        for x in data.batches(train, cfg.batch_size, generator, skip=step - epoch * steps_per_epoch):
-            lr = common.set_lr(optimizer, cfg, step, total_steps)
-            with autocast:
-                loss = forward(x.to(device)).mean()
-            if not torch.isfinite(loss):
-                raise run.nan_stop(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            run.log_step(step, steps_per_epoch, len(x), loss.item(), lr)
-            if run.interrupted and step % steps_per_epoch:  # Ctrl-C mid-epoch: keep this step, then stop
-                run.save(model, optimizer, vocab, step, epoch_rng, best_val, is_best=False)
-                raise run.interrupt_stop(step)
-            if step == total_steps or (cfg.max_steps and step >= cfg.max_steps):
-                break
-        epoch_done = step % steps_per_epoch == 0
-        val = eval_split(model, vocab, splits, "val", cfg, device, run, step, step / steps_per_epoch)
-        is_best = val.nll.mean().item() <= best_val
-        best_val = min(best_val, val.nll.mean().item())
-        run.save(model, optimizer, vocab, step, generator.get_state() if epoch_done else epoch_rng, best_val, is_best)
-        write_samples(model, vocab, splits, cfg, device, run, step // steps_per_epoch)
-        run.plot_curves(CURVES_SIDE)
-        if run.interrupted:  # Ctrl-C at the end of an epoch: it is evaluated and saved
-            raise run.interrupt_stop(step)
+    with hold(run_dir):
+        if cfg.sample_only:
+            return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+        if cfg.eval_only:
+            for split in ("val", "test"):
+                evaluate_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
+            return
+        if ckpt is None:  # a new run never mixes with an old one
+            old = [p for p in run_dir.iterdir() if p.name != ".lock"]
+            if old and not cfg.overwrite and not (run_dir / "ckpt_last.pt").exists():
+                raise RunError(f"{run_dir} holds a run stopped before its first checkpoint: --overwrite starts it "
+                               "afresh, or pick a new --run-name")
+            if old and not cfg.overwrite:
+                raise RunError(f"{run_dir} already holds a run: add --resume to continue it, pick a new --run-name, "
+                               "or --overwrite to start it afresh")
+            for path in old:
+                path.unlink()
+        else:  # records past the checkpoint are about to be replayed: drop them, so that no step shows twice
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(train):,} training captions | {device} | "
+            f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
+        stop = []  # Ctrl-C or SIGTERM while training: finish the step, save, stop; a second one stops at once
 
-    best_step = run.load_best(model)
-    eval_split(model, vocab, splits, "test", cfg, device, run, best_step, best_step / steps_per_epoch)
+        def request_stop(signum, frame):
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(signum)
+
+        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        first_step, t0 = step, time.time()
+        losses, seen, window_t0 = [], 0, t0
+        try:
+            while step < last_step:
+                epoch, epoch_t0 = step // steps_per_epoch, time.time()
+                epoch_rng = order.get_state()  # saved mid-epoch, so that a resumed run replays this epoch's order
+                for x in data.batches(train, cfg.batch_size, order, skip=step - epoch * steps_per_epoch):
+                    lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps))
+                                   if cfg.lr_schedule == "cosine" else 1.0)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with autocast:
+                        loss = forward(x.to(device)).mean()
+                    if not torch.isfinite(loss):
+                        kept = run_dir / "ckpt_last.pt"
+                        raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
+                                       f"{kept if kept.exists() else '(none yet)'} is kept")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
+                    if step % cfg.log_every == 0 or step == first_step + 1:
+                        now = time.time()
+                        eta = round((now - t0) / (step - first_step) * (last_step - step))
+                        log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
+                            f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
+                            f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
+                            dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
+                                 seq_per_s=seen / (now - window_t0)))
+                        losses, seen, window_t0 = [], 0, now
+                    if stop or step == last_step:
+                        break
+                is_best = False
+                if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+                    val = evaluate_split(model, splits, "val", cfg, device, run_dir, step, step / steps_per_epoch)
+                    is_best, best_val = val <= best_val, min(val, best_val)
+                state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                             args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
+                             epoch_rng=order.get_state() if step % steps_per_epoch == 0 else epoch_rng,
+                             torch_rng=torch.get_rng_state(), n_params=sum(p.numel() for p in model.parameters()))
+                save_checkpoint(state, run_dir / "ckpt_last.pt")
+                if is_best:
+                    save_checkpoint(state, run_dir / "ckpt_best.pt")
+                if stop:
+                    raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
+                                            "add --resume to continue from it")
+                if cfg.show_samples:
+                    write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+                plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        best = load_checkpoint(run_dir / "ckpt_best.pt")
+        model.load_state_dict(best["model"])
+        evaluate_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
 
 
 def main(argv=None):
-    common.main(SCRIPT, run, argv)
+    """Bad input of any kind ends in one line on stderr and exit status 1, never in a traceback."""
+    try:
+        run(argv)
+    except (RunError, data.DataError) as e:
+        sys.exit(f"{SCRIPT}: error: {e}")
+    except KeyboardInterrupt as e:
+        sys.exit(f"{SCRIPT}: {e or 'interrupted'}")
+    except OSError as e:  # a full disk, a read-only folder: say which file
+        sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 if __name__ == "__main__":
