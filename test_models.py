@@ -963,6 +963,12 @@ def test_dlm107_bad_flag_combinations_are_one_line_errors(tiny_data, tmp_path):
     assert_one_line_error(*call("dlm107_vae_seg", base + ["--run-name", "b", "--segmenter", "spaces", "--no-spaces"])[::2], "--no-spaces")
 
 
+def test_dlm107_a_refused_setting_is_named_as_it_is_typed(finished, tmp_path):
+    out_dir, _ = copy_run(finished["dlm107_vae_seg"], tmp_path)
+    code, _, err = call("dlm107_vae_seg", ["--eval-only", "--no-spaces", "--out-dir", str(out_dir)])
+    assert_one_line_error(code, err, "--no-spaces contradicts the checkpoint's --spaces")
+
+
 def test_dlm107_a_checkpoints_lexicon_is_the_one_used_after_loading():
     model = tiny_seg()  # another lexicon of the same shape, then the checkpoint's weights and lexicon
     other = seg.Model(5, SPACE, torch.tensor([[4, 4, 4], [3, 3, 0], [4, 3, 0], [3, 4, 4]]),
@@ -1365,3 +1371,20 @@ def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "compare.py"), a, str(tmp_path / "nothing")],
                           capture_output=True, text=True, cwd=HERE)
     assert_one_line_error(proc.returncode, proc.stderr, "no args.json")
+
+
+def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_out(tiny_data, tmp_path):
+    n = 31
+    a = fake_run(tmp_path, "dlm100_rnn", "a", [10.0] * n, custom_data=True, data_sha256={"test": "1"})
+    b = fake_run(tmp_path, "dlm100_rnn", "b", [11.0] * n, custom_data=True, data_sha256={"test": "1"})
+    with open(Path(b) / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "ste')  # a run killed while it wrote a record
+    text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
+    assert "dlm100_rnn/a wins on 100.0%" in text
+    other = fake_run(tmp_path, "dlm100_rnn", "other", [11.0] * n, custom_data=True, data_sha256={"test": "2"})
+    with pytest.raises(compare.UserError, match="different data files"):
+        compare.compare([a, other, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(compare.UserError, match="cannot write to --out"):
+        compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(blocker)])
