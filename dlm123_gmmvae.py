@@ -307,9 +307,10 @@ def settings(ckpt, cfg, given):
 
 
 def pick_device(name):
+    """auto: CUDA if present, else MPS, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif not {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(name, bool)(1):
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
         raise RunError(f"--device {name} was asked for but is not available here")
     return torch.device(name)
 
@@ -324,7 +325,8 @@ def save_checkpoint(state, path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RunError(f"could not write {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise RunError(f"could not write {path}: {e.strerror or e}; {kept}") from None
 
 
 def load_checkpoint(path):
@@ -406,10 +408,11 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
     data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data),) if on)
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
+    seconds = time.time() - t0
     log(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} "
-        f"({', '.join(filter(None, [bound, data_label]))}){scalars} | {time.time() - t0:.1f} s",
+        f"({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
         dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
-             seconds=time.time() - t0, **extra))
+             seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
         (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
     return nlpps
