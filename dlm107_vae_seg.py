@@ -663,9 +663,9 @@ def log(run_dir, text, record=None):
 
 
 def plot_curves(run_dir, title):
-    """curves.png: train and val NLPPS against epoch, from metrics.jsonl; beside it, the val segmentation."""
+    """curves.png: train and val NLPPS against epoch, from metrics.jsonl."""
     records = read_metrics(run_dir)
-    fig, (ax, segmentation) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, segmentation) = plt.subplots(1, 2, figsize=(11, 4))  # and beside it, the val segmentation
     for key in ("f1", "word_f1", "cut_rate"):
         points = np.array([(r["epoch"], r[key]) for r in records if r["kind"] == "val"]).reshape(-1, 2)
         segmentation.plot(points[:, 0], points[:, 1], "o-", markersize=3, label=f"val {key}")
@@ -704,9 +704,9 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
 
 
 def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
-    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training.
-    Samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png shows the
-    posterior probability of a cut after each of their characters."""
+    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
+    # samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png shows
+    # the posterior probability of a cut after each of their characters
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     lines = [f"[SAMPLE] {with_cuts(vocab, *s)}" for s in zip(*sample(model, cfg.show_samples, cfg.temperature,
                                                                        device, generator))]

@@ -419,8 +419,8 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
 
 
 def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
-    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training.
-    Also two val captions and their reconstructions, and latents.png."""
+    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
+    # and two val captions with their reconstructions, and latents.png
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     lines = [f"[RANDOM] {vocab.decode(s)}" for s in sample(model, cfg.show_samples, cfg.temperature, device, generator)]
     targets = splits["val"][: min(cfg.show_samples, 2)]

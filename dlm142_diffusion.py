@@ -500,7 +500,7 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
     return nlpps
 
 
-def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
+def write_samples(model, vocab, cfg, device, run_dir, epoch):
     """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     lines = [f"[SAMPLE] {vocab.decode(s)}" for s in sample(model, cfg.show_samples, cfg.temperature, device, generator)]
@@ -553,7 +553,7 @@ def run(argv=None):
 
     with hold(run_dir):
         if cfg.sample_only:
-            return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+            return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
         if cfg.eval_only:
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
@@ -632,7 +632,7 @@ def run(argv=None):
                     raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
                                             "add --resume to continue from it")
                 if cfg.show_samples:
-                    write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+                    write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
                 plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
         finally:
             for signum, handler in handlers.items():

@@ -361,6 +361,8 @@ def test_a_failed_checkpoint_write_says_why_leaves_no_temp_file_and_keeps_the_ol
     with pytest.raises(dlm100_rnn.RunError, match="could not write .*ckpt_last.pt: No space left on device; the "
                                                   "previous checkpoint is kept"):
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 2}, path)
+    with pytest.raises(dlm100_rnn.RunError, match="No space left on device; no checkpoint was written"):
+        dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, tmp_path / "ckpt_best.pt")  # the first
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_last.pt"]
     assert dlm100_rnn.load_checkpoint(path)["step"] == 1
