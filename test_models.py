@@ -11,7 +11,6 @@ import ast
 import contextlib
 import dataclasses
 import difflib
-import fcntl
 import gzip
 import importlib
 import io
