@@ -5,9 +5,13 @@ Forward process: every slot of x_0 (a 100-slot caption, see data.py) is corrupte
     q(x_t | x_0)     = a_t [x_t = x_0] + (1 - a_t) n(x_t),         a_t = prod_{s<=t} (1 - b_s) = 1 - t/T,
 with the noise distribution n all its mass on an extra MASK token (--noise absorb) or uniform over the
 vocabulary (--noise uniform, as the original). a_T = 0, so x_T is exactly noise and p(x_T) = n.
-A network (--backbone cnn: the notes' residual tanh CNN, h <- tanh(h + Conv1d_d(h)) with dilation d from
-the --dilation cycle; --backbone transformer: a pre-norm bidirectional encoder with learned positions)
-maps x_t (+ an embedding of t with --time-cond) to per-slot logits over the tied embedding. Reverse kernel:
+A network maps x_t (+ an embedding of t with --time-cond) to per-slot logits over the tied embedding:
+  --backbone cnn: the notes' residual tanh CNN, h <- tanh(h + Conv1d_d(h)), dilation d from the --dilation cycle;
+  --backbone transformer: pre-norm blocks h <- h + Attn(LN(h)), h <- h + MLP(LN(h)), with rotary position
+    embeddings (RoPE) on queries and keys, so attention scores depend on slot offsets only;
+  --backbone hybrid: per block the CNN's step h <- tanh(h + Conv1d_d(h)) for the neighbours, then the
+    transformer's attention (and MLP) steps for the far revealed characters.
+Reverse kernel:
   --param x0 (absorb only; MDLM's "SUBS"): logits -> p_th(x_0,i | x_t) over characters (never MASK or <bos>),
     p(x_{t-1,i} | x_t) = [x_{t-1,i} = x_{t,i}]                            if slot i is not MASK,
                        = (1 - a_{t-1})/(1 - a_t) [MASK] + (a_{t-1} - a_t)/(1 - a_t) p_th(x_{t-1,i} | x_t)  if it is,
@@ -65,13 +69,15 @@ class Config:
     # the model
     param: str = flag("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); gate mixes "
                      "a replace softmax with copying the input (the notes')", choices=("x0", "gate"))
-    backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN, or a transformer encoder",
-                        choices=("cnn", "transformer"))
+    backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN; a pre-norm transformer with rotary "
+                        "positions; or hybrid blocks of a tanh conv then rotary attention",
+                        choices=("cnn", "transformer", "hybrid"))
     embed: int = flag(96, "embedding and channel width E (the notes' network: 50)", low=1)
-    depth: int = flag(6, "residual conv blocks, or transformer layers, D (the notes' network: 11)", low=1)
-    kernel: int = flag(5, "conv kernel width (odd, so a slot's output sits on the slot)", low=1)
+    depth: int = flag(6, "blocks D: residual convs, transformer layers or hybrid blocks (the notes' network: 11)", low=1)
+    kernel: int = flag(5, "conv kernel width, cnn and hybrid (odd, so a slot's output sits on the slot)", low=1)
     dilation: str = flag("1", "conv dilations, a comma-separated cycle repeated over the depth (e.g. 1,2,4,8)")
-    heads: int = flag(4, "attention heads of the transformer (must divide E)", low=1)
+    heads: int = flag(4, "attention heads, transformer and hybrid (must divide E; E / heads even for rotary)", low=1)
+    mlp_ratio: int = flag(4, "hidden width of each attention block's MLP, in multiples of E (0: no MLP)", low=0)
     diffusion_steps: int = flag(100, "diffusion steps T", low=1)
     noise: str = flag("absorb", "corruption: replace by a MASK token, or by a uniform draw", choices=("absorb", "uniform"))
     copy: bool = flag(True, "--param gate: gate between replacing and copying the input token (--no-copy: replace only)")
@@ -196,24 +202,86 @@ class ResidualCNN(nn.Module):
         return h.transpose(1, 2)                                             # (N, L, E)
 
 
-class Transformer(nn.Module):
-    """A bidirectional pre-norm transformer encoder with learned positions: every slot sees every slot."""
+def rotate(x, cos, sin):
+    """RoPE (Su et al. 2021) on x (N, H, L, Dh): each pair (x_a, x_b) of channels a < Dh/2, b = a + Dh/2 at
+    slot i is turned by the angle i w_a,  (x_a, x_b) -> (x_a cos iw_a - x_b sin iw_a, x_a sin iw_a + x_b cos iw_a).
+    Then <rotate(q)_i, rotate(k)_j> depends on i and j only through i - j: positions are relative."""
+    x_a, x_b = x.chunk(2, dim=-1)                                            # (N, H, L, Dh/2) each
+    return torch.cat([x_a * cos - x_b * sin, x_a * sin + x_b * cos], dim=-1)
 
-    def __init__(self, width, depth, heads):
+
+class RotaryAttention(nn.Module):
+    """Pre-norm bidirectional self-attention with rotary queries and keys:  h <- h + W_o attn(LN(h)),
+    attn = softmax(R q k^T R^T / sqrt(Dh)) v per head, R the rotation of each slot's position."""
+
+    def __init__(self, width, heads, slots=data.SLOTS, base=1e4):
         super().__init__()
         if width % heads:
             raise RunError(f"--heads {heads} must divide --embed {width}")
-        # learned, but started from sines and cosines, whose dot products already single out nearby slots:
-        # from a random start the network was stuck near a context-free predictor for 2 epochs
-        angles = torch.arange(data.SLOTS)[:, None] * torch.exp(-math.log(1e4) * torch.arange(0, width, 2) / width)
-        self.positions = nn.Parameter(torch.stack([angles.sin(), angles.cos()], -1).flatten(1)[:, :width])  # (L, E)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)  # pre-norm layers leave the last output unnormalised
+        if (width // heads) % 2:
+            raise RunError(f"rotary positions turn pairs of channels: --embed {width} / --heads {heads} must be even")
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        head_dim = width // heads
+        w = base ** (-torch.arange(head_dim // 2) / (head_dim // 2))         # (Dh/2,): from 1 down to ~1/base
+        angles = torch.arange(slots)[:, None] * w                            # (L, Dh/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)          # not in checkpoints: fixed
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, h):
-        return self.norm(self.layers(h + self.positions[: h.shape[1]]))    # (N, L, E)
+        N, L, E = h.shape
+        q, k, v = self.qkv(self.norm(h)).view(N, L, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
+        cos, sin = self.cos[:L].to(h.dtype), self.sin[:L].to(h.dtype)       # (L, Dh/2)
+        a = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v)  # (N, H, L, Dh)
+        return h + self.out(a.transpose(1, 2).reshape(N, L, E))             # (N, L, E)
+
+
+class MLP(nn.Module):
+    """Pre-norm feed-forward step:  h <- h + W_2 gelu(W_1 LN(h)),  W_1: E -> ratio * E."""
+
+    def __init__(self, width, ratio):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, ratio * width), nn.GELU(),
+                                 nn.Linear(ratio * width, width))
+
+    def forward(self, h):
+        return h + self.net(h)                                               # (N, L, E)
+
+
+class TanhConv(nn.Module):
+    """The CNN's block as a step of its own:  h <- tanh(h + Conv1d_d(h)),  on (N, L, E)."""
+
+    def __init__(self, width, kernel, dilation):
+        super().__init__()
+        self.conv = nn.Conv1d(width, width, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+
+    def forward(self, h):
+        return torch.tanh(h + self.conv(h.transpose(1, 2)).transpose(1, 2))  # (N, L, E)
+
+
+class Blocks(nn.Module):
+    """--backbone transformer: D blocks of [rotary attention, MLP], every slot sees every slot from the first
+    block and "the slot to my left" is the same offset at every position (no learned positions: at 3 epochs
+    they scored 153 nats against rotary's 109, README/issue 20).
+    --backbone hybrid: D blocks of [tanh conv, rotary attention, MLP]: the convolution reads the neighbours,
+    attention the far revealed characters. A final LayerNorm, since pre-norm steps leave h unnormalised."""
+
+    def __init__(self, width, depth, heads, mlp_ratio, conv_dilations=None, kernel=5):
+        super().__init__()
+        steps = []
+        for d in range(depth):
+            if conv_dilations is not None:
+                steps.append(TanhConv(width, kernel, conv_dilations[d]))
+            steps.append(RotaryAttention(width, heads))
+            if mlp_ratio:
+                steps.append(MLP(width, mlp_ratio))
+        self.steps = nn.Sequential(*steps)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, h):
+        return self.norm(self.steps(h))                                      # (N, L, E)
 
 
 class Model(nn.Module):
@@ -231,8 +299,10 @@ class Model(nn.Module):
         self.param = cfg.param
         self.embed = nn.Embedding(S, E)  # also the output matrix (tied)
         self.time_embed = nn.Embedding(cfg.diffusion_steps + 1, E) if cfg.time_cond else None
-        self.backbone = (ResidualCNN(E, cfg.kernel, dilation_cycle(cfg.dilation, cfg.depth))
-                         if cfg.backbone == "cnn" else Transformer(E, cfg.depth, cfg.heads))
+        dilations = dilation_cycle(cfg.dilation, cfg.depth)
+        self.backbone = (ResidualCNN(E, cfg.kernel, dilations) if cfg.backbone == "cnn" else
+                         Blocks(E, cfg.depth, cfg.heads, cfg.mlp_ratio, dilations if cfg.backbone == "hybrid" else None,
+                                cfg.kernel))
         self.out_bias = nn.Parameter(torch.zeros(S))
         self.gate = nn.Linear(E, 2) if cfg.param == "gate" and cfg.copy else None
 
