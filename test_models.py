@@ -1355,7 +1355,7 @@ def test_dlm142_attention_sampler_draws_from_the_exact_model_distribution(kind):
     n = 4000
     draws = dlm.sample(model, n, 1.0, CPU, torch.Generator().manual_seed(0), slots=L)  # (n, L)
     assert not model.corruption.not_data[draws].any()  # no MASK, no <bos>
-    counts = torch.binn_params(draws[:, 0] * model.corruption.states + draws[:, 1], minlength=len(states)).double()
+    counts = torch.bincount(draws[:, 0] * model.corruption.states + draws[:, 1], minlength=len(states)).double()
     expected = n * p
     seen = expected > 0
     assert counts[~seen].sum() == 0
