@@ -8,9 +8,10 @@ characters before it, not on how they were cut (Kawakami, Dyer & Blunsom 2019; S
                            --piece-context adds U h_i to its input at every character, not at the start only)
     p(piece | h_i) = g(h_i) p_lex(piece | h_i) + (1 - g(h_i)) p_chars(piece | h_i)        (lexical memory)
 p_lex is a distribution over the M most frequent substrings of the training captions (--lexicon, lengths
---lex-min..--lex-max): a mixture of C learned softmaxes over the entries, weighted by the context,
-    p_lex(e | h_i) = sum_c pi_c(h_i) q_c(e),   pi = softmax(W h_i),  q_c = softmax(l_c)   (C = --lex-components)
-(a full softmax of <h_i, v_e> needs a (starts x M) exponential per batch: 2-3x the rest of a step at M = 10000).
+--lex-min..--lex-max), computed from the context (LexicalMemory; --lex-key, --lex-factor):
+    score_e(h_i) = <W h_i, m_e> + b_e,   p_lex(e | h_i) = p(first char a of e | h_i) softmax_{e' in G_a}(score)_e
+where G_a holds the entries that start with a: exact, and only the group of the next character is normalised at
+a start (~M / 13 scores instead of M; --no-lex-factor: one softmax over all M entries).
 Which windows are entries is found by walking a trie of the lexicon, K tensor lookups per batch.
 A piece ends with <pad>; <pad> as its first symbol is the
 empty piece, which ends the caption. Where a piece has room for r = min(K, 99 - i) characters only, its end
@@ -21,9 +22,10 @@ the strings of <= 99 characters, and (x, z) <-> pieces is one-to-one.
 Because a piece depends on the characters before it only, the sum over all segmentations z is a chart:
     alpha_0 = 0,  alpha_j = logsumexp_{k=1..K} alpha_{j-k} + log p(c_{j-k+1..j} | h_{j-k})
     log p(x) = alpha_n + log p(empty piece | h_n)                                  (exact; --inference exact)
-max instead of logsumexp gives the most likely segmentation (Viterbi); the gradient of log p(x) with
-respect to the piece scores gives the posterior probability of every piece, hence of a cut after each
-character. The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
+max instead of logsumexp gives the most likely segmentation (viterbi_segmentation); the same chart from the
+right (beta) gives the posterior probability of every piece, p(piece | x) = exp(alpha_i + log p(piece) +
+beta_{i+k} - log p(x)), hence of a cut after each character. --length-penalty lambda adds Kawakami et al.'s
+expected length lambda * sum_pieces p(piece | x) |piece|^beta (--length-exponent) to the training loss only. The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
 
 --inference reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
 after each character from a GRU (--parser causal|bi), cuts forced as in p;
@@ -34,8 +36,8 @@ exact -log p(x) of the model; -ELBO, the IW bound and the joint of the spaces se
 --no-spaces removes the spaces before encoding (data.py: then the first 99 non-space characters, and no
 space in the vocabulary; the papers' protocol; a different string, labelled so) and scores the cuts against
 the removed spaces. Boundary F1 with the spaces kept: a cut just before or just after a space marks that word
-boundary; word F1: a word (the characters between two boundaries, spaces left out) is right when both its
-ends are.
+boundary, cuts and spaces matched one to one; word F1: a word (the characters between two boundaries, spaces
+left out) is right when both its ends are.
 Results row:  python dlm107_vae_seg.py      (and --lexicon 0, --inference reinforce, --segmenter spaces, --no-spaces)
 """
 from __future__ import annotations
@@ -81,10 +83,12 @@ class Config:
     embed: int = flag(128, "embedding and context GRU width E", low=1)
     piece_embed: int = flag(64, "piece-decoder GRU width D", low=1)
     max_piece: int = flag(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
-    lexicon: int = flag(10000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
+    lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
     lex_min: int = flag(2, "shortest substring in the lexicon", low=1)
     lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
-    lex_components: int = flag(64, "C: p_lex(entry | h) mixes C learned distributions over the entries", low=1)
+    lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
+    lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start with it "
+                           "(exact, ~13x cheaper); --no-lex-factor: one softmax over all the entries")
     piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its start state")
     inference: str = flag("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
                          choices=("exact", "reinforce"))
@@ -92,6 +96,9 @@ class Config:
                          "space only (DLM106)", choices=("learned", "spaces"))
     piece_cost: float = flag(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
                             "fewer, longer pieces (the reported NLPPS stays the exact log p(x))", low=0)
+    length_penalty: float = flag(0.01, "lambda: add lambda * sum over pieces of p(piece | x) |piece|^beta to the training "
+                                "loss (Kawakami et al.'s expected length; the reported NLPPS stays the exact log p(x))", low=0)
+    length_exponent: float = flag(2.0, "beta of --length-penalty", low=0)
     parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
     train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
     spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')")
@@ -139,45 +146,153 @@ RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run
              "iw_samples"}
 
 
-# ----------------------------------------------------------------------------- lexicon
-def build_lexicon(x, size, lex_min, lex_max):
-    """x (N, L) training captions -> (size, lex_max) ids then PAD: the most frequent substrings (overlapping
-    occurrences counted) of lex_min..lex_max characters, ties broken by length then ids, stored by length.
-    A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
-    V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
-    if V ** lex_max >= 2 ** 64:
-        raise RunError(f"--lex-max {lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
-    for length in range(lex_min, lex_max + 1 if size else 0):
-        windows = x.unfold(1, length, 1).reshape(-1, length)               # (N * (L - length + 1), length)
-        windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
-        keys = windows @ (np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64))
-        unique, counts = np.unique(keys, return_counts=True)               # in lexicographic order of the ids
-        top = np.argsort(-counts, kind="stable")[:size]
-        digits = unique[top, None] // np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64) % np.uint64(V)
-        found += [(c, length, ids) for c, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
-    chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:size], key=lambda f: f[1])
-    return torch.tensor([ids + [data.PAD] * (lex_max - len(ids)) for _, _, ids in chosen],
-                        dtype=torch.long).view(-1, lex_max)
+# ----------------------------------------------------------------------------- the lexical memory
+class LexicalMemory(nn.Module):
+    """The lexical memory: M entries (the most frequent training substrings), a distribution over them computed
+    from the context state h = h_i of a piece's start, and the gate g(h) that mixes it with the piece GRU.
 
+        score_e(h) = <W h, m_e> + b_e              W: E -> key (--lex-key), m_e (key,), b_e: learned per entry e
+    --no-lex-factor, one softmax over the entries that fit in the r characters of room:
+        log p_lex(e | h) = score_e(h) - logsumexp_{e': |e'| <= r} score_e'(h)
+    --lex-factor (default), by the first character a(e):  G_a = the entries that start with a,
+        log p_lex(e | h) = log p(a(e) | h) + score_e(h) - logsumexp_{e' in G_a(e), |e'| <= r} score_e'(h)
+        p(a | h) = softmax_a(u_a . h + c_a) over the first characters a whose G_a has an entry of <= r characters.
+    Both are exact distributions over the entries that fit. A window at start i is an entry only if it begins with
+    the next character c_{i+1}, so the factorised memory needs the normaliser of that one group only (on Multi30k
+    about M / 13 entries per start instead of M), where the full softmax needs a (starts x M) product per batch.
+        g(h) = sigmoid(v . h + d), and g = 0 where no entry fits (r < the shortest entry).
+    The entries are stored grouped by first character (a stable sort of most_frequent's list); the checkpoint keeps them so.
+    """
 
-def lexicon_trie(lexicon, vocab_size):
-    """-> child (nodes, V): the node reached by reading a character (node 0: no entry starts so, absorbing;
-    node 1: the root), and entry (nodes,): the lexicon id spelled by the path to a node, or -1."""
-    children, entry = {}, [-1, -1]
-    for index, ids in enumerate(lexicon.tolist()):
-        node = 1
-        for c in ids:
-            if c == data.PAD:
-                break
-            node = children.setdefault((node, c), len(entry))
-            if node == len(entry):
-                entry.append(-1)
-        entry[node] = index
-    child = torch.zeros(len(entry), vocab_size, dtype=torch.long)
-    if children:
-        keys = torch.tensor(list(children))
-        child[keys[:, 0], keys[:, 1]] = torch.tensor(list(children.values()))
-    return child, torch.tensor(entry)
+    def __init__(self, lexicon: torch.Tensor, vocab_size: int, embed: int, key: int, factor: bool):
+        super().__init__()
+        lexicon = lexicon[torch.sort(lexicon[:, 0], stable=True).indices]  # grouped by first character
+        self.V, self.factor = vocab_size, factor
+        self.register_buffer("lexicon", lexicon)                   # (M, lex_max) ids then PAD
+        self.key = nn.Linear(embed, key)                           # W
+        self.values = nn.Parameter(torch.randn(len(lexicon), key) / math.sqrt(key))  # m_e
+        self.bias = nn.Parameter(torch.zeros(len(lexicon)))        # b_e
+        self.gate = nn.Linear(embed, 1)
+        self.first = nn.Linear(embed, vocab_size) if factor else None  # u_a, c_a
+        self.index()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.index())  # a checkpoint's lexicon
+
+    # --- building the list and the trie
+    @staticmethod
+    def most_frequent(x, size, lex_min, lex_max):
+        """x (N, L) training captions -> (size, lex_max) ids then PAD: the most frequent substrings (overlapping
+        occurrences counted) of lex_min..lex_max characters, ties broken by length then ids, stored by length.
+        A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
+        V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
+        if V ** lex_max >= 2 ** 64:
+            raise RunError(f"--lex-max {lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
+        for length in range(lex_min, lex_max + 1 if size else 0):
+            windows = x.unfold(1, length, 1).reshape(-1, length)               # (N * (L - length + 1), length)
+            windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
+            keys = windows @ (np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64))
+            unique, counts = np.unique(keys, return_counts=True)               # in lexicographic order of the ids
+            top = np.argsort(-counts, kind="stable")[:size]
+            digits = unique[top, None] // np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64) % np.uint64(V)
+            found += [(c, length, ids) for c, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
+        chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:size], key=lambda f: f[1])
+        return torch.tensor([ids + [data.PAD] * (lex_max - len(ids)) for _, _, ids in chosen],
+                            dtype=torch.long).view(-1, lex_max)
+
+    @staticmethod
+    def trie(lexicon, vocab_size):
+        """-> child (nodes, V): the node reached by reading a character (node 0: no entry starts so, absorbing;
+        node 1: the root), and entry (nodes,): the lexicon row spelled by the path to a node, or -1."""
+        children, entry = {}, [-1, -1]
+        for index, ids in enumerate(lexicon.tolist()):
+            node = 1
+            for c in ids:
+                if c == data.PAD:
+                    break
+                node = children.setdefault((node, c), len(entry))
+                if node == len(entry):
+                    entry.append(-1)
+            entry[node] = index
+        child = torch.zeros(len(entry), vocab_size, dtype=torch.long)
+        if children:
+            keys = torch.tensor(list(children))
+            child[keys[:, 0], keys[:, 1]] = torch.tensor(list(children.values()))
+        return child, torch.tensor(entry)
+
+    def index(self):
+        """From self.lexicon: the trie, every entry's length and group, each group's rows [start, end) and its
+        shortest entry, and the group of every character (-1: no entry starts with it)."""
+        device, lexicon = self.lexicon.device, self.lexicon.cpu()
+        child, entry = self.trie(lexicon, self.V)
+        firsts, sizes = lexicon[:, 0].unique_consecutive(return_counts=True)
+        if len(firsts) != len(firsts.unique()):
+            raise ValueError("the lexicon's entries are not grouped by their first character")
+        bounds = F.pad(sizes.cumsum(0), (1, 0)).tolist()
+        self.groups = list(zip(bounds[:-1], bounds[1:]))  # rows of each group, in the order of `firsts`
+        length = (lexicon != data.PAD).sum(1)
+        group_of_char = torch.full((self.V,), -1, dtype=torch.long).index_copy(0, firsts, torch.arange(len(firsts)))
+        buffers = dict(trie_child=child, trie_entry=entry, entry_len=length, firsts=firsts,
+                       entry_group=torch.repeat_interleave(torch.arange(len(firsts)), sizes),
+                       group_min_len=torch.stack([length[a:b].min() for a, b in self.groups]) if len(firsts)
+                       else length, group_of_char=group_of_char)
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(device), persistent=False)
+
+    def entry_ids(self, windows):
+        """windows (P, K) characters -> (P, K) lexicon row of the first k characters, or -1: a walk down the trie."""
+        node, ids = torch.ones_like(windows[:, 0]), []
+        for t in range(windows.shape[1]):
+            node = self.trie_child[node, windows[:, t]]
+            ids.append(self.trie_entry[node])
+        return torch.stack(ids, 1)
+
+    # --- the log-probabilities
+    def gates(self, h, room):
+        """h (P, E), room (P,) -> log g, log (1 - g) (P,), with g = 0 where no entry fits."""
+        fits, gate = room >= self.entry_len.min(), self.gate(h).squeeze(-1)
+        return torch.where(fits, F.logsigmoid(gate), NEG), torch.where(fits, F.logsigmoid(-gate), 0.0)
+
+    def log_first(self, h, room):
+        """h (P, E), room (P,) -> (P, groups): log p(a | h), renormalised over the groups with an entry that fits."""
+        logits = self.first(h)[:, self.firsts]                                          # (P, groups)
+        return F.log_softmax(logits.masked_fill(self.group_min_len > room[:, None], NEG), -1)
+
+    def scores(self, h, rows=slice(None)):
+        """h (P, E) -> (P, entries in rows): score_e(h) = <W h, m_e> + b_e."""
+        return F.linear(self.key(h), self.values[rows], self.bias[rows])
+
+    def log_probs(self, h, room, windows):
+        """h (P, E), room (P,), windows (P, K) the characters after each start -> lex (P, K): log p_lex(first k
+        characters of the window | h) (NEG where they are not an entry), and log g, log (1 - g) (P,)."""
+        ids = self.entry_ids(windows)                                                    # (P, K)
+        if self.factor:  # log p(a | h) - log Z_a(h, r) for the group a of the next character, group by group
+            group = self.group_of_char[windows[:, 0]]                                    # (P,), -1: none
+            log_norm = h.new_zeros(len(h))
+            for a, (lo, hi) in enumerate(self.groups):
+                rows = (group == a).nonzero().squeeze(1)
+                if len(rows):
+                    s = self.scores(h[rows], slice(lo, hi))                              # (P_a, |G_a|)
+                    too_long = self.entry_len[lo:hi] > room[rows, None]
+                    log_norm = log_norm.index_put((rows,), s.masked_fill(too_long, NEG).logsumexp(-1))
+            offset = self.log_first(h, room).gather(1, group.clamp(min=0)[:, None]).squeeze(1) - log_norm
+        else:            # - log Z(h, r) over all the entries that fit: a (P, M) product
+            too_long = self.entry_len[None, :] > room[:, None]                           # (P, M)
+            offset = -self.scores(h).masked_fill(too_long, NEG).logsumexp(-1)
+        hit = ids >= 0
+        rows, e = hit.nonzero()[:, 0], ids[hit]                                          # (hits,) each
+        score = (self.key(h)[rows] * self.values[e]).sum(-1) + self.bias[e]
+        lex = torch.full(ids.shape, NEG, dtype=h.dtype, device=h.device).index_put((hit,), score + offset[rows])
+        return (lex,) + self.gates(h, room)
+
+    def all_log_probs(self, h, room):
+        """h (N, E), room (N,) -> (N, M): log p_lex(e | h) of every entry (NEG for those that do not fit); for the
+        sampler and the tests (M scores per row)."""
+        too_long = self.entry_len[None, :] > room[:, None]
+        s = self.scores(h).masked_fill(too_long, NEG)                                    # (N, M)
+        if not self.factor:
+            return s.log_softmax(-1).masked_fill(too_long, NEG)
+        log_norm = torch.stack([s[:, lo:hi].logsumexp(-1) for lo, hi in self.groups], 1)  # (N, groups)
+        log_p = self.log_first(h, room) - log_norm
+        return (s + log_p[:, self.entry_group]).masked_fill(too_long, NEG)
 
 
 # ----------------------------------------------------------------------------- segmentations
@@ -202,23 +317,37 @@ def by_end(scores, fill=NEG):
     return scores.reshape(B, L * K)[:, index].view(B, L, K).masked_fill(j < k, fill)
 
 
-def chart(ends, n, viterbi=False):
-    """ends (B, L, K) from by_end -> (B,) alpha_n = log sum (max, if viterbi) over the segmentations of the
-    first n characters of the product of their pieces' probabilities; with viterbi also the (B, L) cuts."""
+def prefix_sums(ends, n):
+    """ends (B, L, K) from by_end -> (B, J + 1), J = max n: alpha_j = log sum over the segmentations of the first
+    j characters of the product of their pieces' probabilities,
+        alpha_0 = 0,  alpha_j = logsumexp_{k=1..K} alpha_{j-k} + log p(c_{j-k+1..j} | h_{j-k})."""
     B, L, K = ends.shape
     alpha = [ends.new_full((B,), NEG)] * (K - 1) + [ends.new_zeros(B)]  # alpha_{1-K} .. alpha_0
-    best, ends = [], ends.unbind(1)  # unbind: one backward for all j (indexing would allocate (B, L, K) per j)
+    ends = ends.unbind(1)  # unbind: one backward for all j (indexing would allocate (B, L, K) per j)
     for j in range(1, int(n.max()) + 1 if len(n) else 1):
-        scores = torch.stack(alpha[:-K - 1:-1], -1) + ends[j]  # (B, K): alpha_{j-k} + piece of k, k = 1..K
-        if viterbi:
-            value, k = scores.max(-1)
-            best.append(k + 1)
-        else:
-            value = scores.logsumexp(-1)
+        alpha.append((torch.stack(alpha[:-K - 1:-1], -1) + ends[j]).logsumexp(-1))  # alpha_{j-k} + piece of k
+    return torch.stack(alpha[K - 1:], 1)
+
+
+def chart(ends, n, viterbi=False):
+    """ends (B, L, K) from by_end -> (B,) alpha_n: log sum over the segmentations of the first n characters of
+    the product of their pieces' probabilities (viterbi=True: viterbi_segmentation's max and cuts instead)."""
+    if viterbi:
+        return viterbi_segmentation(ends, n)
+    return prefix_sums(ends, n).gather(1, n[:, None]).squeeze(1)
+
+
+def viterbi_segmentation(ends, n):
+    """ends (B, L, K) from by_end -> (B,) the log-probability of the likeliest segmentation of the first n
+    characters and its (B, L) cuts: the chart with max for logsumexp, then a walk back from the end."""
+    B, L, K = ends.shape
+    alpha = [ends.new_full((B,), NEG)] * (K - 1) + [ends.new_zeros(B)]  # alpha_{1-K} .. alpha_0
+    best, ends = [], ends.unbind(1)
+    for j in range(1, int(n.max()) + 1 if len(n) else 1):
+        value, k = (torch.stack(alpha[:-K - 1:-1], -1) + ends[j]).max(-1)
         alpha.append(value)
+        best.append(k + 1)
     at_n = torch.stack(alpha[K - 1:], 1).gather(1, n[:, None]).squeeze(1)
-    if not viterbi:
-        return at_n
     best = torch.stack(best, 1) if best else n.new_zeros(B, 1)     # (B, max n): best length ending after j
     cuts, pos, rows = torch.zeros(B, L, dtype=torch.bool, device=n.device), n.clone(), torch.arange(B, device=n.device)
     while (pos > 0).any():  # walk back from the end, one piece per step
@@ -226,6 +355,41 @@ def chart(ends, n, viterbi=False):
         cuts[rows[on], pos[on] - 1] = True
         pos = torch.where(on, pos - best.gather(1, (pos - 1).clamp(min=0)[:, None]).squeeze(1), pos)
     return at_n, cuts
+
+
+def suffix_sums(scores, n):
+    """scores (B, L, K) by start -> (B, J + 1), J = max n: beta_j = log sum over the segmentations of characters
+    j+1..n of the product of their pieces' probabilities (the chart from the right; beta_n = 0, NEG past n),
+        beta_j = logsumexp_{k=1..K} log p(c_{j+1..j+k} | h_j) + beta_{j+k}."""
+    B, L, K = scores.shape
+    later, out, starts = [scores.new_full((B,), NEG)] * K, [], scores.unbind(1)  # beta_{j+1} .. beta_{j+K}
+    for j in range(int(n.max()) if len(n) else 0, -1, -1):
+        value = (torch.stack(later, -1) + starts[j]).logsumexp(-1)
+        value = torch.where(j == n, 0.0, torch.where(j > n, NEG, value))
+        later = [value] + later[:-1]
+        out.append(value)
+    return torch.stack(out[::-1], 1)
+
+
+def piece_posteriors(scores, n):
+    """scores (B, L, K) by start -> (B, L, K): p(piece c_{i+1..i+k} | x), differentiable (the training loss uses
+    it), from the charts from both sides:  p(piece | x) = exp(alpha_i + log p(piece | h_i) + beta_{i+k} - alpha_n)."""
+    B, L, K = scores.shape
+    alpha = prefix_sums(by_end(scores), n)                                        # (B, J + 1)
+    J = alpha.shape[1] - 1
+    log_px = alpha.gather(1, n[:, None])                                          # (B, 1)
+    alpha = F.pad(alpha, (0, L - J - 1), value=NEG)                               # (B, L): alpha_i
+    beta = F.pad(suffix_sums(scores, n), (0, L + K - J - 1), value=NEG)          # (B, L + K): beta_j
+    after = beta.unfold(1, K, 1)[:, 1:L + 1]                                      # (B, L, K): beta_{i+k}
+    return (alpha[:, :, None] + scores + after - log_px[:, :, None]).exp()
+
+
+def expected_length_cost(scores, n, exponent):
+    """scores (B, L, K) by start -> (B,): sum over the pieces of p(piece | x) |piece|^exponent, the expected-length
+    regulariser of Kawakami et al. (2019) (exponent 1: the constant n)."""
+    K = scores.shape[-1]
+    lengths = torch.arange(1, K + 1, device=scores.device, dtype=scores.dtype) ** exponent
+    return (piece_posteriors(scores, n) * lengths).sum((1, 2))
 
 
 def cut_probabilities(scores, n):
@@ -254,7 +418,7 @@ class Model(nn.Module):
         E, D = cfg.embed, cfg.piece_embed
         self.V, self.max_piece, self.space = vocab_size, cfg.max_piece, space
         self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.train_samples
-        self.piece_cost = cfg.piece_cost
+        self.piece_cost, self.length_penalty, self.length_exponent = cfg.piece_cost, cfg.length_penalty, cfg.length_exponent
         self.embed = nn.Embedding(vocab_size, E)
         self.context = nn.GRU(E, E, batch_first=True)
         self.piece_init = nn.Linear(E, D)
@@ -264,47 +428,15 @@ class Model(nn.Module):
         self.piece_context = nn.Linear(E, 3 * D, bias=False) if cfg.piece_context else None  # added to every input
         self.register_buffer("never", torch.zeros(vocab_size).index_fill(0, torch.tensor(data.BOS), -math.inf),
                              persistent=False)
-        self.register_buffer("lexicon", lexicon)  # (M, lex_max) saved in the checkpoint: a plain tensor
-        if len(lexicon):
-            self.index_lexicon()
-            self.register_load_state_dict_post_hook(lambda model, keys: model.index_lexicon())  # a checkpoint's
-            self.lex_mix = nn.Linear(E, cfg.lex_components)
-            self.lex_logits = nn.Parameter(torch.randn(cfg.lex_components, len(lexicon)))
-            self.gate = nn.Linear(E, 1)
+        self.memory = LexicalMemory(lexicon, vocab_size, E, cfg.lex_key, cfg.lex_factor) if len(lexicon) else None
         if self.reinforce:  # q has its own embedding: REINFORCE noise never reaches p's
             self.seg_embed = nn.Embedding(vocab_size, E)
             self.seg_rnn = nn.GRU(E, E, batch_first=True, bidirectional=cfg.parser == "bi")
             self.cut = nn.Linear(E * (2 if cfg.parser == "bi" else 1), 1)
 
-    def index_lexicon(self):
-        """The lexicon's trie, the length of every entry and the lengths there are (sorted): from self.lexicon."""
-        child, entry = lexicon_trie(self.lexicon.cpu(), self.V)
-        for name, value in dict(trie=child, trie_entry=entry, lex_len=(self.lexicon != data.PAD).sum(1)).items():
-            self.register_buffer(name, value.to(self.lexicon.device), persistent=False)
-        self.register_buffer("lengths", self.lex_len.unique(), persistent=False)
-
     def contexts(self, x):
         """x (B, L) -> (B, L, E): h_i, the context GRU's state after <bos> and i characters."""
         return self.context(self.embed(torch.cat([torch.full_like(x[:, :1], data.BOS), x[:, :-1]], 1)))[0]
-
-    def lexicon_log_probs(self, h, room):
-        """h (P, E), room (P,) -> log pi_c(h) - log Z_c(room) (P, C), so that log p_lex(e | h) = logsumexp_c of it
-        + l_c[e], with q_c renormalised over the entries of <= room characters (Z_c: once per batch, by length);
-        and log g, log (1 - g) (P,), g = 0 where no entry fits."""
-        by_length = torch.stack([self.lex_logits[:, self.lex_len == length].logsumexp(-1) for length in self.lengths], 0)
-        log_norm = F.pad(by_length.logcumsumexp(0), (0, 0, 1, 0), value=NEG)  # (groups + 1, C): lengths <= each
-        fitting = (self.lengths <= room[:, None]).sum(1)                     # (P,) length groups that fit
-        log_pi = F.log_softmax(self.lex_mix(h), -1) - log_norm[fitting]                             # (P, C)
-        fits, gate = room >= self.lex_len.min(), self.gate(h).squeeze(-1)
-        return log_pi, torch.where(fits, F.logsigmoid(gate), NEG), torch.where(fits, F.logsigmoid(-gate), 0.0)
-
-    def lexicon_ids(self, windows):
-        """windows (P, K) characters -> (P, K) lexicon id of the first k characters, or -1: a walk down the trie."""
-        node, ids = torch.ones_like(windows[:, 0]), []
-        for t in range(windows.shape[1]):
-            node = self.trie[node, windows[:, t]]
-            ids.append(self.trie_entry[node])
-        return torch.stack(ids, 1)
 
     def piece_step(self, gates_in, s):
         """One step of the piece GRU from its input half W_i e[c] + b_i (+ U h_i) (N, 3D) and state s (N, D):
@@ -348,12 +480,8 @@ class Model(nn.Module):
         chars, stop = log_p.gather(-1, windows.unsqueeze(-1)).squeeze(-1), log_p[..., data.PAD]    # (P, K) each
         pieces = chars.cumsum(-1) + torch.where(k < room[:, None], F.pad(stop[:, 1:], (0, 1)), 0.0)
         empty = stop[:, 0]
-        if len(self.lexicon):
-            log_pi, log_g, log_not_g = self.lexicon_log_probs(h, room)
-            ids = self.lexicon_ids(windows)
-            hit = ids >= 0
-            lex = torch.full_like(pieces, NEG)  # log p_lex of the windows that are entries: (hits, C) -> (P, K)
-            lex[hit] = (log_pi[hit.nonzero()[:, 0]] + self.lex_logits.t()[ids[hit]]).logsumexp(-1)
+        if self.memory is not None:  # g p_lex + (1 - g) p_chars
+            lex, log_g, log_not_g = self.memory.log_probs(h, room, windows)                          # (P, K), (P,) x2
             pieces = torch.logaddexp(log_g[:, None] + lex, log_not_g[:, None] + pieces)
             empty = log_not_g + empty
         scores = pieces.new_full((B, L, self.max_piece), NEG)
@@ -392,7 +520,8 @@ class Model(nn.Module):
         """x (B, L) -> (B,) training loss: -log p(x) (exact), -log p(x, z_spaces) (spaces), or the -ELBO estimate
         from --train-samples draws of q (reinforce; gradient pathwise for p, REINFORCE with a leave-one-out baseline for q)."""
         if not (self.spaces or self.reinforce):
-            return -self.log_prob(x, self.piece_cost)[0]
+            log_px, (scores, _, _, n) = self.log_prob(x, self.piece_cost)
+            return -log_px + self.length_cost(scores, n)
         scores, closing = self.piece_scores(x)
         ends, n = by_end(scores), data.num_chars(x)
         if self.spaces:
@@ -401,7 +530,14 @@ class Model(nn.Module):
         log_p = log_joint(ends, closing, n, cuts)                                        # (k, B)
         # the ELBO's -grad log q term has expectation zero and only adds variance: left out
         surrogate = common.reinforce_surrogate(log_q, (log_p - log_q).detach())
-        return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach())
+        return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach()) + self.length_cost(scores, n)
+
+    def length_cost(self, scores, n):
+        """(B,) lambda * sum over the pieces of p(piece | x) |piece|^beta (--length-penalty, --length-exponent):
+        the exact posteriors of p's chart (reinforce too); a training term only, 0 when lambda = 0."""
+        if not self.length_penalty:
+            return 0.0
+        return self.length_penalty * expected_length_cost(scores, n, self.length_exponent)
 
 
 def build_model(vocab, train, cfg):
@@ -412,34 +548,48 @@ def build_model(vocab, train, cfg):
         raise RunError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {lex_max}, {cfg.max_piece}")
     if cfg.segmenter == "spaces" and (cfg.inference == "reinforce" or cfg.no_spaces):
         raise RunError("--segmenter spaces cuts after the spaces: not with --inference reinforce or --no-spaces")
-    return Model(len(vocab), vocab.stoi.get(" ", -1), build_lexicon(train, cfg.lexicon, cfg.lex_min, lex_max), cfg)
+    lexicon = LexicalMemory.most_frequent(train, cfg.lexicon, cfg.lex_min, lex_max)
+    return Model(len(vocab), vocab.stoi.get(" ", -1), lexicon, cfg)
 
 
 # ----------------------------------------------------------------------------- segmentation scores
+def matched_spaces(cut, gold):
+    """cut, gold (lists of bools over the characters): a cut after t, a gold space at t -> the most pairs (cut after
+    t, space s) with s = t (the cut just after the space) or s = t + 1 (just before it), each cut and each space in
+    one pair at most: "a| |b" with a double space is two hits. Greedy from the left, every cut taking the first
+    free space it may mark, is a maximum matching (the spaces a cut may mark are an interval)."""
+    taken, hits = set(), 0
+    for t, flag in enumerate(cut):
+        s = next((s for s in (t, t + 1) if flag and s < len(gold) and gold[s] and s not in taken), None)
+        if s is not None:
+            taken.add(s)
+            hits += 1
+    return hits
+
+
 def segmentation_counts(x, cuts, space, gold=None):
     """x (B, L), cuts (B, L) -> counts of inner cuts (not after the last character), decisions, pieces, boundary
     hits, gold boundaries, word hits, predicted and gold words. Gold: the removed spaces (gold, --no-spaces), or
-    the spaces of x: a cut just before or just after a space marks it, each space counted once and each cut
-    given to one space (a space with cuts on both sides: one hit and one false cut). Words: the spans between
-    boundaries in the string without spaces (a word is right when both its ends are)."""
+    the spaces of x with a character on each side: a cut just before or just after a space marks it, cuts and
+    spaces matched one to one (matched_spaces: a space with cuts on both sides is one hit and one false cut).
+    Words: the spans between boundaries in the string without spaces (a word is right when both its ends are)."""
     n = data.num_chars(x)
     inner = torch.arange(x.shape[1], device=x.device) < n[:, None] - 1
     cut = cuts & inner
     if gold is None:
         is_space = x == space
-        after_prev = F.pad(cut & ~is_space, (1, -1))               # a cut just before character t
         gold_b = is_space & inner & F.pad(inner, (1, -1))  # spaces with a character on each side
-        hit = gold_b & ((cut & is_space) | after_prev)
+        hits = sum(matched_spaces(c, g) for c, g in zip(cut.tolist(), gold_b.tolist()))
         position = (~is_space & (x != data.PAD)).long().cumsum(1)  # characters without spaces up to t
     else:
         gold_b = gold & inner
-        hit, position = cut & gold_b, torch.arange(1, x.shape[1] + 1, device=x.device).expand_as(x)
+        hits, position = (cut & gold_b).sum(), torch.arange(1, x.shape[1] + 1, device=x.device).expand_as(x)
     word_hits = words = gold_words = 0
     for p, c, g, m in zip(position.tolist(), cut.tolist(), gold_b.tolist(), position.gather(1, (n - 1).clamp(min=0)[:, None]).tolist()):
         spans = [sorted({0, m[0]} | {p[t] for t in range(len(p)) if flags[t]}) for flags in (c, g)]
         pred, true = [set(zip(s[:-1], s[1:])) for s in spans]
         word_hits, words, gold_words = word_hits + len(pred & true), words + len(pred), gold_words + len(true)
-    return torch.tensor([cut.sum(), inner.sum(), cuts.sum(), n.sum(), hit.sum(), gold_b.sum(), word_hits,
+    return torch.tensor([cut.sum(), inner.sum(), cuts.sum(), n.sum(), hits, gold_b.sum(), word_hits,
                          words, gold_words], dtype=torch.float64)
 
 
@@ -466,7 +616,7 @@ def evaluate(model, x, batch_size, iw_samples, device, gold=None):
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size].to(device)
         log_px, (scores, ends, closing, n) = model.log_prob(batch)
-        best = chart(ends, n, viterbi=True)[1]
+        best = viterbi_segmentation(ends, n)[1]
         nll.append(-log_px.double().cpu())
         g = None if gold is None else gold[start:start + len(batch)].to(device)
         counts[""] = counts[""] + segmentation_counts(batch, best, model.space, g)
@@ -517,13 +667,13 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
             break
         piece, length = torch.full((n, model.max_piece), data.PAD, dtype=torch.long, device=device), torch.zeros_like(pos)
         chars = ~done
-        if len(model.lexicon):
-            g = torch.where(room >= model.lex_len.min(), (model.gate(h).squeeze(-1) / temperature).sigmoid(), 0.0)
+        if model.memory is not None:
+            memory = model.memory
+            g = torch.where(room >= memory.entry_len.min(), (memory.gate(h).squeeze(-1) / temperature).sigmoid(), 0.0)
             use = ~done & (torch.rand(n, generator=generator).to(device) < g)
-            component = draw(F.log_softmax(model.lex_mix(h), -1))  # then an entry that fits from q_component
-            entry = draw(model.lex_logits[component].masked_fill(model.lex_len > room[:, None], NEG))
-            piece[use, :model.lexicon.shape[1]] = model.lexicon[entry[use]]
-            length, chars = torch.where(use, model.lex_len[entry], 0), chars & ~use
+            entry = draw(memory.all_log_probs(h, room))  # an entry that fits, from p_lex(. | h)
+            piece[use, :memory.lexicon.shape[1]] = memory.lexicon[entry[use]]
+            length, chars = torch.where(use, memory.entry_len[entry], 0), chars & ~use
         s, inputs, context = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1), model.piece_context_gates(h)
         for t in range(model.max_piece):  # the piece GRU, for the captions that took it; its end at `room` is forced
             chars &= t < room

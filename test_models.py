@@ -728,14 +728,20 @@ LEXICON = [(4, 4), (3, 4), (4, 3, 4), (2, 4, 4)]
 
 
 def tiny_seg(lexicon=True, **kw):
+    """The tiny model with its memory (key width 4); kw: Config fields (lex_factor, piece_context, ...). The
+    expected-length regulariser is off unless asked for, so that the training loss is -log p(x)."""
     torch.manual_seed(0)
-    cfg = seg.Config(embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3, lex_components=3, **kw)
+    cfg = seg.Config(embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3, lex_key=4, **({"length_penalty": 0.0} | kw))
     lex = torch.tensor([list(e) + [data.PAD] * (3 - len(e)) for e in LEXICON] if lexicon else [], dtype=torch.long)
     model = seg.Model(len(CHARS) + 2, SPACE, lex.view(-1, 3), cfg).double()
     with torch.no_grad():  # sharper distributions than the initial ones, so the checks are not near-uniform
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.7)
     return model
+
+
+MEMORIES = [dict(lex_factor=True), dict(lex_factor=False), dict(lex_factor=True, piece_context=True),
+            dict(lex_factor=False, piece_context=True)]
 
 
 def seg_caption(chars, slots=SLOTS):
@@ -765,64 +771,6 @@ def enumerated_log_joint(scores, closing, n, z):
             total += scores[0, start, t - start].item()
             start = t + 1
     return total
-
-
-@pytest.mark.parametrize("lexicon, piece_context", [(True, False), (False, False), (True, True)])
-def test_dlm107_chart_viterbi_and_cut_marginals_equal_enumeration_and_p_sums_to_one(lexicon, piece_context):
-    model, total = tiny_seg(lexicon, piece_context=piece_context), 0.0
-    for chars in all_captions():
-        x, n = seg_caption(chars), len(chars)
-        with torch.no_grad():
-            log_px, (scores, ends, closing, _) = model.log_prob(x)
-            best = seg.chart(ends, torch.tensor([n]), viterbi=True)[1]
-        Z = segmentations(n)
-        joint = torch.tensor([enumerated_log_joint(scores, closing, n, z) for z in Z], dtype=torch.float64)
-        torch.testing.assert_close(seg.log_joint(ends, closing, torch.tensor([n]), Z[:, None])[:, 0], joint)
-        assert log_px.item() == pytest.approx(torch.logsumexp(joint, 0).item(), abs=1e-10)
-        assert torch.equal(best[0], Z[joint.argmax()])
-        total += log_px.exp().item()
-        if n == 0:
-            continue
-        posterior = (joint - log_px).exp()                   # p(z | x) by enumeration
-        cut_probs = seg.cut_probabilities(scores, torch.tensor([n]))[0]
-        torch.testing.assert_close(cut_probs, (posterior[:, None] * Z).sum(0))
-    # forced ends included (pieces of K characters, captions of SLOTS-1): no mass lost, none invented
-    assert total == pytest.approx(1.0, abs=1e-10)
-
-
-def test_dlm107_lexicon_really_adds_mass_and_is_renormalised_near_the_end():
-    with_lex, without = tiny_seg(True), tiny_seg(False)
-    x = seg_caption((4, 3, 4, 4))
-    with torch.no_grad():
-        scores, closing = with_lex.piece_scores(x)
-        plain, _ = without.piece_scores(x)
-    assert (scores[0, 0, 1] - plain[0, 0, 1]).abs() > 1e-3  # "43" is an entry: both branches count
-    # a piece starting after 3 characters has room for 1: no entry fits, so g = 0 there (nothing renormalised away)
-    log_pi, log_g, log_not_g = with_lex.lexicon_log_probs(torch.zeros(2, 8, dtype=torch.float64), torch.tensor([1, 3]))
-    assert log_g[0] < -1e8 and log_not_g[0] == 0 and log_g[1] > -50
-
-
-@pytest.mark.parametrize("piece_context", [False, True])
-def test_dlm107_sampler_draws_captions_and_cuts_with_the_probabilities_the_chart_scores(piece_context):
-    model, n = tiny_seg(piece_context=piece_context), 20000
-    x, cuts = seg.sample(model, n, 1.0, torch.device("cpu"), torch.Generator().manual_seed(0), slots=SLOTS)
-    unique, counts = torch.cat([x, cuts.long()], 1).unique(dim=0, return_counts=True)
-    with torch.no_grad():
-        scores, closing = model.piece_scores(unique[:, :SLOTS])
-        log_p = seg.log_joint(seg.by_end(scores), closing, data.num_chars(unique[:, :SLOTS]), unique[:, SLOTS:].bool())
-    assert log_p.exp().sum() > 0.99
-    torch.testing.assert_close(counts / n, log_p.exp(), atol=0.01, rtol=0, check_dtype=False)
-
-
-def test_dlm107_lexicon_is_the_most_frequent_substrings_and_the_trie_finds_them():
-    x = torch.stack([seg_caption((4, 3, 4, 4), 6)[0], seg_caption((4, 3, 4), 6)[0], seg_caption((3, 4), 6)[0]])
-    cfg = seg.Config(lexicon=3, lex_min=2, lex_max=3, max_piece=3)
-    lex = seg.build_lexicon(x, 3, 2, 3)
-    # counts: 34 x3, 43 x2, 434 x2, 344 x1, 44 x1: the top 3, stored shortest first
-    assert lex.tolist() == [[3, 4, 0], [4, 3, 0], [4, 3, 4]]
-    model = seg.Model(5, SPACE, lex, dataclasses.replace(cfg, embed=4, piece_embed=4))
-    ids = model.lexicon_ids(torch.tensor([[4, 3, 4], [3, 4, 4], [4, 4, 3]]))
-    assert ids.tolist() == [[-1, 1, 2], [-1, 0, -1], [-1, -1, -1]]
 
 
 # ----------------------------------------------------------------------------- reinforce
@@ -925,7 +873,7 @@ def test_dlm107_no_spaces_data_round_trips_with_the_removed_spaces(tiny_data):
 
 
 SEG_TINY = ["--embed", "16", "--piece-embed", "8", "--max-piece", "6", "--lexicon", "50",
-            "--lex-components", "4", "--batch-size", "50", "--eval-batch-size", "64",
+            "--batch-size", "50", "--eval-batch-size", "64",
             "--show-samples", "2", "--log-every", "1", "--iw-samples", "8", "--custom-data", "--lr", "1e-2"]
 
 
@@ -949,7 +897,7 @@ def test_dlm107_each_mode_trains_resumes_exactly_evaluates_and_samples(tiny_data
         assert test["joint_nlpps"] >= test["nlpps"]
     assert json.loads((root / "straight" / "args.json").read_text())["spaces"] == (mode != ["--no-spaces"])
     assert (root / "straight" / "segments.png").exists()
-    assert torch.load(root / "straight" / "ckpt_last.pt", weights_only=True)["model"]["lexicon"].shape[1] == 6
+    assert torch.load(root / "straight" / "ckpt_last.pt", weights_only=True)["model"]["memory.lexicon"].shape[1] == 6
     code, out, err = call("dlm107_vae_seg", base + ["--run-name", "straight", "--sample-only", "--show-samples", "3"])
     assert code == 0, err
     assert out.count("[SAMPLE]") == 3 and out.count("[SEGMENT]") == seg.SHOWN
@@ -970,14 +918,165 @@ def test_dlm107_a_refused_setting_is_named_as_it_is_typed(finished, tmp_path):
     assert_one_line_error(code, err, "--no-spaces contradicts the checkpoint's --spaces")
 
 
-def test_dlm107_a_checkpoints_lexicon_is_the_one_used_after_loading():
-    model = tiny_seg()  # another lexicon of the same shape, then the checkpoint's weights and lexicon
+# ----------------------------------------------------------------------------- the memory itself
+@pytest.mark.parametrize("factor", [True, False])
+def test_dlm107_memory_is_a_distribution_over_the_entries_that_fit_and_the_windows_read_it(factor):
+    memory = tiny_seg(lex_factor=factor).memory
+    h = torch.randn(4, 8, dtype=torch.float64)
+    room = torch.tensor([3, 3, 2, 1])
+    log_p = memory.all_log_probs(h, room)                                          # (4, M)
+    fits = memory.entry_len[None, :] <= room[:, None]
+    torch.testing.assert_close(log_p.exp().sum(1)[:3], torch.ones(3, dtype=torch.float64))  # room >= 2: sums to 1
+    assert (log_p[~fits] < -1e8).all()                                             # too long: no mass
+    log_g, log_not_g = memory.gates(h, room)
+    assert log_g[3] < -1e8 and log_not_g[3] == 0 and (log_g[:3] > -50).all()      # room 1: g = 0
+    # every entry, read through a window that spells it, gets the probability all_log_probs gives it
+    for e, ids in enumerate(memory.lexicon.tolist()):
+        length = sum(c != data.PAD for c in ids)
+        windows = torch.tensor([ids[:length] + [CHARS[0]] * (K - length)] * 4)     # the entry then an UNK
+        lex = memory.log_probs(h, room, windows)[0]
+        for r in range(4):
+            expected = log_p[r, e] if length <= room[r] else None
+            if expected is not None:
+                assert lex[r, length - 1].item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_dlm107_the_factorised_memory_normalises_one_first_character_group_only():
+    # the factorised p_lex(e | h) = p(a(e) | h) * softmax within G_a: the group totals are p(a | h)
+    memory = tiny_seg(lex_factor=True).memory
+    h, room = torch.randn(3, 8, dtype=torch.float64), torch.tensor([3, 2, 3])
+    p = memory.all_log_probs(h, room).exp()
+    first = memory.log_first(h, room).exp()                                        # (3, groups)
+    for a, (lo, hi) in enumerate(memory.groups):
+        torch.testing.assert_close(p[:, lo:hi].sum(1), first[:, a])
+        assert (memory.lexicon[lo:hi, 0] == memory.firsts[a]).all()                # groups by first character
+    assert first[1, memory.group_of_char[2]] == 0                                  # room 2: 244 does not fit
+
+
+def test_dlm107_lexicon_list_trie_and_checkpoint():
+    x = torch.stack([seg_caption((4, 3, 4, 4), 6)[0], seg_caption((4, 3, 4), 6)[0], seg_caption((3, 4), 6)[0]])
+    # counts: 34 x3, 43 x2, 434 x2, 344 x1, 44 x1: the top 3, stored shortest first
+    lex = seg.LexicalMemory.most_frequent(x, 3, 2, 3)
+    assert lex.tolist() == [[3, 4, 0], [4, 3, 0], [4, 3, 4]]
+    memory = seg.LexicalMemory(lex, 5, 4, 2, True)
+    ids = memory.entry_ids(torch.tensor([[4, 3, 4], [3, 4, 4], [4, 4, 3]]))
+    assert [[memory.lexicon[i].tolist() if i >= 0 else None for i in row] for row in ids.tolist()] == [
+        [None, [4, 3, 0], [4, 3, 4]], [None, [3, 4, 0], None], [None, None, None]]
+    # a checkpoint's lexicon (and its grouping) is the one used after loading, not the constructor's
+    model = tiny_seg()
     other = seg.Model(5, SPACE, torch.tensor([[4, 4, 4], [3, 3, 0], [4, 3, 0], [3, 4, 4]]),
                       dataclasses.replace(seg.Config(), embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3,
-                                          lex_components=3)).double()
+                                          lex_key=4)).double()
     other.load_state_dict(model.state_dict())
     x = seg_caption((4, 3, 4, 4))
     torch.testing.assert_close(other.log_prob(x)[0], model.log_prob(x)[0])
+
+
+# ----------------------------------------------------------------------------- the model with it: enumeration
+@pytest.mark.parametrize("kw", MEMORIES + [dict(lexicon=False)], ids=str)
+def test_dlm107_chart_viterbi_posteriors_equal_enumeration_and_p_sums_to_one(kw):
+    model, total = tiny_seg(**kw), 0.0
+    for chars in all_captions():
+        x, n = seg_caption(chars), torch.tensor([len(chars)])
+        with torch.no_grad():
+            log_px, (scores, ends, closing, _) = model.log_prob(x)
+            best = seg.viterbi_segmentation(ends, n)[1]
+            posteriors = seg.piece_posteriors(scores, n)
+        Z = segmentations(len(chars))
+        joint = torch.tensor([enumerated_log_joint(scores, closing, len(chars), z) for z in Z], dtype=torch.float64)
+        torch.testing.assert_close(seg.log_joint(ends, closing, n, Z[:, None])[:, 0], joint)
+        assert log_px.item() == pytest.approx(torch.logsumexp(joint, 0).item(), abs=1e-10)
+        assert torch.equal(best[0], Z[joint.argmax()])
+        total += log_px.exp().item()
+        # p(piece | x) by enumeration: the posterior mass of the segmentations that hold it
+        expected = torch.zeros_like(posteriors)
+        for z, p in zip(Z, (joint - log_px).exp()):
+            start = 0
+            for t in range(len(chars)):
+                if z[t]:
+                    expected[0, start, t - start] += p
+                    start = t + 1
+        torch.testing.assert_close(posteriors, expected, atol=1e-10, rtol=0)
+        if len(chars):
+            cut_probs = seg.cut_probabilities(scores, n)[0]
+            torch.testing.assert_close(cut_probs, ((joint - log_px).exp()[:, None] * Z).sum(0))
+    # forced ends included (pieces of K characters, captions of SLOTS-1): no mass lost, none invented
+    assert total == pytest.approx(1.0, abs=1e-10)
+
+
+def test_dlm107_the_memory_really_adds_mass():
+    with_lex, without = tiny_seg(True), tiny_seg(False)
+    x = seg_caption((4, 3, 4, 4))
+    with torch.no_grad():
+        scores, _ = with_lex.piece_scores(x)
+        plain, _ = without.piece_scores(x)
+    assert (scores[0, 0, 2] - plain[0, 0, 2]).abs() > 1e-3  # "434" and "34" are entries: both branches count
+    assert (scores[0, 1, 1] - plain[0, 1, 1]).abs() > 1e-3
+
+
+@pytest.mark.parametrize("kw", MEMORIES[:3], ids=str)
+def test_dlm107_sampler_draws_captions_and_cuts_with_the_probabilities_the_chart_scores(kw):
+    model, n = tiny_seg(**kw), 20000
+    x, cuts = seg.sample(model, n, 1.0, torch.device("cpu"), torch.Generator().manual_seed(0), slots=SLOTS)
+    unique, counts = torch.cat([x, cuts.long()], 1).unique(dim=0, return_counts=True)
+    with torch.no_grad():
+        scores, closing = model.piece_scores(unique[:, :SLOTS])
+        log_p = seg.log_joint(seg.by_end(scores), closing, data.num_chars(unique[:, :SLOTS]), unique[:, SLOTS:].bool())
+    assert log_p.exp().sum() > 0.99
+    torch.testing.assert_close(counts / n, log_p.exp(), atol=0.01, rtol=0, check_dtype=False)
+
+
+@pytest.mark.parametrize("mode", [dict(inference="reinforce"), dict(segmenter="spaces")], ids=str)
+def test_dlm107_other_modes_use_the_same_memory(mode):
+    model, x = tiny_seg(**mode), seg_caption((4, 3, 4, 4))
+    assert model.memory is not None and torch.isfinite(model.loss(x)).all()
+
+
+# ----------------------------------------------------------------------------- expected-length regulariser
+def test_dlm107_expected_length_is_the_enumerated_expectation_and_changes_the_training_loss_only():
+    plain, model, x = tiny_seg(), tiny_seg(length_penalty=0.3, length_exponent=2.0), seg_caption((4, 3, 4, 4))
+    with torch.no_grad():
+        log_px, (scores, _, closing, n) = model.log_prob(x)
+        Z = segmentations(4)
+        joint = torch.tensor([enumerated_log_joint(scores, closing, 4, z) for z in Z], dtype=torch.float64)
+        lengths = [torch.diff(torch.tensor([-1] + z.nonzero()[:, 0].tolist())) for z in Z]  # piece lengths of each z
+        expected = sum(p * (k.double() ** 2).sum() for p, k in zip((joint - log_px).exp(), lengths))
+        assert seg.expected_length_cost(scores, n, 2.0).item() == pytest.approx(expected.item(), abs=1e-10)
+        assert seg.expected_length_cost(scores, n, 1.0).item() == pytest.approx(4.0, abs=1e-10)  # beta 1: n
+        assert model.loss(x).item() == pytest.approx(-log_px.item() + 0.3 * expected.item(), abs=1e-10)
+        assert plain.loss(x).item() == pytest.approx(-log_px.item(), abs=1e-10)
+        nll, _ = seg.evaluate(model, x, 5, 0, CPU)
+        assert nll.item() == pytest.approx(-log_px.item(), abs=1e-12)  # the reported NLPPS: exact, no penalty
+    # and its gradient is the gradient of the enumerated expectation (posteriors are differentiable)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(model.length_cost(*model.log_prob(x)[1][::3]).sum(), params, allow_unused=True)
+    log_px, (scores, _, closing, _) = model.log_prob(x)
+    joint = torch.stack([seg.log_joint(seg.by_end(scores), closing, torch.tensor([4]), z[None, None])[0, 0] for z in Z])
+    enumerated = 0.3 * sum(p * (k.double() ** 2).sum() for p, k in zip((joint - log_px).exp(), lengths))
+    for g, e in zip(grads, torch.autograd.grad(enumerated, params, allow_unused=True)):
+        if e is not None:
+            torch.testing.assert_close(g, e)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 1e-3
+
+
+# ----------------------------------------------------------------------------- boundary F1, one to one
+def test_dlm107_boundary_f1_matches_each_cut_to_one_space_and_each_space_to_one_cut():
+    # "a  b" (a double space): cuts a|_|_b: the cut between the spaces marks the second one: precision 1
+    s = counts_of("a  b", [0, 1])
+    assert (s["precision"], s["recall"], s["f1"]) == (1, 1, 1)
+    s = counts_of("a  b", [0, 1, 2])       # three cuts for two spaces: one is false
+    assert (s["precision"], s["recall"]) == (2 / 3, 1)
+    s = counts_of("a  b", [1])             # a _|_b: one cut, two spaces
+    assert (s["precision"], s["recall"]) == (1, 0.5)
+    # one space: a cut on each side is one hit and one false cut (as before)
+    s = counts_of("ab c abc.", [1, 2])
+    assert (s["precision"], s["recall"]) == (0.5, 0.5)
+    s = counts_of("ab c abc.", [2, 4])     # after both spaces: perfect
+    assert (s["precision"], s["recall"], s["f1"], s["word_f1"]) == (1, 1, 1, 1)
+    s = counts_of("ab c abc.", [1, 3])     # before both spaces: perfect
+    assert (s["f1"], s["word_f1"]) == (1, 1)
+    s = counts_of("ab c abc.", [2, 3])     # after the first, before the second: a cut is given to one space only
+    assert (s["precision"], s["recall"]) == (1, 1)
 
 
 # ============================================================================= dlm123_gmmvae.py
