@@ -13,8 +13,7 @@ p_lex is a distribution over the M most frequent substrings of the training capt
 where G_a holds the entries that start with a: exact, and only the group of the next character is normalised at
 a start (~M / 13 scores instead of M; --no-lex-factor: one softmax over all M entries).
 Which windows are entries is found by walking a trie of the lexicon, K tensor lookups per batch.
-A piece ends with <pad>; <pad> as its first symbol is the
-empty piece, which ends the caption. Where a piece has room for r = min(K, 99 - i) characters only, its end
+A piece ends with <pad>; <pad> as its first symbol is the empty piece, which ends the caption. Where a piece has room for r = min(K, 99 - i) characters only, its end
 after r characters is forced (costs nothing), p_lex is renormalised over the entries of <= r characters
 (g = 0 where none fits), and a caption of 99 characters ends by force: p is a distribution over exactly
 the strings of <= 99 characters, and (x, z) <-> pieces is one-to-one.
@@ -25,7 +24,8 @@ Because a piece depends on the characters before it only, the sum over all segme
 max instead of logsumexp gives the most likely segmentation (viterbi_segmentation); the same chart from the
 right (beta) gives the posterior probability of every piece, p(piece | x) = exp(alpha_i + log p(piece) +
 beta_{i+k} - log p(x)), hence of a cut after each character. --length-penalty lambda adds Kawakami et al.'s
-expected length lambda * sum_pieces p(piece | x) |piece|^beta (--length-exponent) to the training loss only. The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
+expected length lambda * sum_pieces p(piece | x) |piece|^beta (--length-exponent) to the training loss only.
+The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
 
 --inference reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
 after each character from a GRU (--parser causal|bi), cuts forced as in p;
