@@ -504,10 +504,10 @@ class Model(nn.Module):
         """x (B, L) -> (B, L) logit of a cut after each character."""
         return self.cut(self.seg_rnn(self.seg_embed(x))[0]).squeeze(-1)
 
-    def draw_cuts(self, x, k, generator=None, drawn=None, greedy=False):
-        """x (B, L) -> cuts (k, B, L) from q (or `drawn`; or q's likelier decision at each character if greedy)
-        and log q(cuts|x) (k, B). Noise from the CPU RNG: a checkpoint's torch_rng replays it."""
-        logits = self.cut_logits(x).expand(k, -1, -1)
+    def draw_cuts(self, x, n_samples, generator=None, drawn=None, greedy=False):
+        """x (B, L) -> cuts (n_samples, B, L) from q (or `drawn`; or q's likelier decision at each character if
+        greedy) and log q(cuts|x) (n_samples, B). Noise from the CPU RNG: a checkpoint's torch_rng replays it."""
+        logits = self.cut_logits(x).expand(n_samples, -1, -1)
         if greedy:
             drawn = logits > 0
         elif drawn is None:
@@ -527,7 +527,7 @@ class Model(nn.Module):
         if self.spaces:
             return -log_joint(ends, closing, n, force_cuts(x == self.space, n, self.max_piece)[0])
         cuts, log_q = self.draw_cuts(x, self.train_samples, drawn=drawn)
-        log_p = log_joint(ends, closing, n, cuts)                                        # (k, B)
+        log_p = log_joint(ends, closing, n, cuts)                                        # (n_samples, B)
         # the ELBO's -grad log q term has expectation zero and only adds variance: left out
         surrogate = common.reinforce_surrogate(log_q, (log_p - log_q).detach())
         return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach()) + self.length_cost(scores, n)
