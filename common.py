@@ -86,10 +86,11 @@ def nlpps_and_bpc(nll: torch.Tensor, n_chars: torch.Tensor) -> tuple[float, floa
 
 
 # ----------------------------------------------------------------------------- flags from a dataclass
-def flag(default, help, *, choices=None, low=None, high=None, above=None):
-    """A Config field with its -h text and its valid values (low <= v <= high, v > above, v in choices)."""
+def flag(default, help, *, choices=None, low=None, high=None, above=None, part=None):
+    """A Config field with its -h text and its valid values (low <= v <= high, v > above, v in choices).
+    `part` opens a section of -h: this flag and the ones after it, up to the next part."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high,
-                                                            above=above))
+                                                            above=above, part=part))
 
 
 def _checked(kind, m):
@@ -115,19 +116,22 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def parse_flags(config_cls, description, argv=None):
-    """argparse built from the dataclass (a --flag per field, --x/--no-x for booleans); parses argv.
+    """argparse built from the dataclass (a --flag per field, --x/--no-x for booleans, in sections by `part`);
+    parses argv.
     Returns (config, the names of the flags given on the command line)."""
     def parser(defaults=True):
         p = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        section = p
         for f in dataclasses.fields(config_cls):
             m, name = f.metadata, "--" + f.name.replace("_", "-")
+            section = p.add_argument_group(m["part"]) if m["part"] else section
             default, help = f.default if defaults else argparse.SUPPRESS, m["help"].replace("%", "%%")
             if f.type in ("bool", bool):
-                p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
+                section.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(name, default=default, choices=m["choices"], type=_checked(kind, m),
-                               help=help + " (default: %(default)s)")
+                section.add_argument(name, default=default, choices=m["choices"], type=_checked(kind, m),
+                                     help=help + " (default: %(default)s)")
         return p
     args = parser().parse_args(argv)
     given = set(vars(parser(defaults=False).parse_args(argv)))

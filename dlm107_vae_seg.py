@@ -13,10 +13,11 @@ p_lex is a distribution over the M most frequent substrings of the training capt
 where G_a holds the entries that start with a: exact, and only the group of the next character is normalised at
 a start (~M / 13 scores instead of M; --no-lex-factor: one softmax over all M entries).
 Which windows are entries is found by walking a trie of the lexicon, K tensor lookups per batch.
-A piece ends with <pad>; <pad> as its first symbol is the empty piece, which ends the caption. Where a piece has room for r = min(K, 99 - i) characters only, its end
-after r characters is forced (costs nothing), p_lex is renormalised over the entries of <= r characters
-(g = 0 where none fits), and a caption of 99 characters ends by force: p is a distribution over exactly
-the strings of <= 99 characters, and (x, z) <-> pieces is one-to-one.
+A piece ends with <pad>; <pad> as its first symbol is the empty piece, which ends the caption. Where a piece
+has room for r = min(K, 99 - i) characters only, its end after r characters is forced (costs nothing), p_lex
+is renormalised over the entries of <= r characters (g = 0 where none fits), and a caption of 99 characters
+ends by force: p is a distribution over exactly the strings of <= 99 characters, and (x, z) <-> pieces is
+one-to-one.
 
 Because a piece depends on the characters before it only, the sum over all segmentations z is a chart:
     alpha_0 = 0,  alpha_j = logsumexp_{k=1..K} alpha_{j-k} + log p(c_{j-k+1..j} | h_{j-k})
@@ -79,19 +80,18 @@ class RunError(Exception):
 
 @dataclass
 class Config:
-    # the model
-    embed: int = flag(128, "embedding and context GRU width E", low=1)
+    embed: int = flag(128, "embedding and context GRU width E", low=1, part="the model: context and pieces")
     piece_embed: int = flag(64, "piece-decoder GRU width D", low=1)
     max_piece: int = flag(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
-    lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0)
+    piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its start state")
+    lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0, part="the model: the lexical memory")
     lex_min: int = flag(2, "shortest substring in the lexicon", low=1)
     lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
     lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start with it "
                            "(exact, ~13x cheaper); --no-lex-factor: one softmax over all the entries")
-    piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its start state")
     inference: str = flag("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
-                         choices=("exact", "reinforce"))
+                         choices=("exact", "reinforce"), part="the model: how it is trained (the reported NLPPS is always the exact -log p(x))")
     segmenter: str = flag("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
                          "space only (DLM106)", choices=("learned", "spaces"))
     piece_cost: float = flag(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
@@ -101,9 +101,9 @@ class Config:
     length_exponent: float = flag(2.0, "beta of --length-penalty", low=0)
     parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
     train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
-    spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')")
-    # optimisation and data: with the model's flags, what a checkpoint keeps
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1)
+    spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')", part="the data: the spaces")
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+                       part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(64, "captions per step", low=1)
     lr: float = flag(4e-3, "peak learning rate", above=0)
     lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
@@ -115,8 +115,8 @@ class Config:
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
     custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
                              "check); such runs are labelled and compare.py keeps them apart")
-    # run control (RUN_FLAGS): how this command runs, not what the run is
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"))
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
+                       part="run control (RUN_FLAGS: how this command runs, not what the run is)")
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
                       choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
@@ -559,8 +559,8 @@ def matched_spaces(cut, gold):
     one pair at most: "a| |b" with a double space is two hits. Greedy from the left, every cut taking the first
     free space it may mark, is a maximum matching (the spaces a cut may mark are an interval)."""
     taken, hits = set(), 0
-    for t, flag in enumerate(cut):
-        s = next((s for s in (t, t + 1) if flag and s < len(gold) and gold[s] and s not in taken), None)
+    for t, is_cut in enumerate(cut):
+        s = next((s for s in (t, t + 1) if is_cut and s < len(gold) and gold[s] and s not in taken), None)
         if s is not None:
             taken.add(s)
             hits += 1

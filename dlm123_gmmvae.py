@@ -55,16 +55,15 @@ class RunError(Exception):
 
 @dataclass
 class Config:
-    # the model
-    embed: int = flag(32, "latent, embedding and conv width E", low=1)
+    embed: int = flag(32, "latent, embedding and conv width E", low=1, part="the model")
     components: int = flag(30, "Gaussian components C of the prior", low=1)
     depth: int = flag(3, "conv layers D of the encoder and of the decoder (width 5)", low=1)
     sigma_max: float = flag(2.5, "cap on the posterior scale", above=0)
     posterior_scale: str = flag("dim", "posterior scale: one learned per dimension, or predicted per slot", choices=("dim", "slot"))
     train_samples: int = flag(5, "posterior draws per caption in the training ELBO", low=1)
     estimator: str = flag("reparam", "gradient of the ELBO: reparameterised, or REINFORCE with a leave-one-out baseline", choices=("reparam", "reinforce"))
-    # optimisation and data: with the model's flags, what a checkpoint keeps
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1)
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+                       part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(100, "captions per step", low=1)
     lr: float = flag(2e-3, "peak learning rate", above=0)
     lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
@@ -76,8 +75,8 @@ class Config:
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
     custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
                              "check); such runs are labelled and compare.py keeps them apart")
-    # run control (RUN_FLAGS): how this command runs, not what the run is
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"))
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
+                       part="run control (RUN_FLAGS: how this command runs, not what the run is)")
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
                       choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")

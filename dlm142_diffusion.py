@@ -66,9 +66,8 @@ class RunError(Exception):
 
 @dataclass
 class Config:
-    # the model
     param: str = flag("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); gate mixes "
-                     "a replace softmax with copying the input (the notes')", choices=("x0", "gate"))
+                     "a replace softmax with copying the input (the notes')", choices=("x0", "gate"), part="the model")
     backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN; a pre-norm transformer with rotary "
                         "positions; or hybrid blocks of a tanh conv then rotary attention",
                         choices=("cnn", "transformer", "hybrid"))
@@ -82,8 +81,8 @@ class Config:
     noise: str = flag("absorb", "corruption: replace by a MASK token, or by a uniform draw", choices=("absorb", "uniform"))
     copy: bool = flag(True, "--param gate: gate between replacing and copying the input token (--no-copy: replace only)")
     time_cond: bool = flag(False, "add a learned embedding of t to the input")
-    # optimisation and data: with the model's flags, what a checkpoint keeps
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1)
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+                       part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(32, "captions per step", low=1)
     lr: float = flag(1e-3, "peak learning rate", above=0)
     lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
@@ -95,8 +94,8 @@ class Config:
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
     custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
                              "check); such runs are labelled and compare.py keeps them apart")
-    # run control (RUN_FLAGS): how this command runs, not what the run is
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"))
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
+                       part="run control (RUN_FLAGS: how this command runs, not what the run is)")
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
                       choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")

@@ -375,6 +375,7 @@ def test_help_documents_every_flag_once_with_its_default(script):
         flag = "--" + f.name.replace("_", "-")
         assert out.count(flag + " ") + out.count(flag + "\n") >= 1, flag
     assert "%%" not in out and "(default: 20)" in out  # escapes rendered; the epochs default shown
+    assert "\nthe model" in out and "\noptimisation and data" in out and "\nrun control" in out  # in sections
     assert MODULES[script].RUN_FLAGS < {f.name for f in dataclasses.fields(MODULES[script].Config)}
 
 
