@@ -376,8 +376,9 @@ def run(argv=None):
             kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        n_params = sum(p.numel() for p in model.parameters())
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(train):,} training captions | {device} | "
+            f"{n_params:,} parameters | {len(train):,} training captions | {device} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
         stop = []  # Ctrl-C or SIGTERM while training: finish the step, save, stop; a second one stops at once
 
@@ -428,7 +429,7 @@ def run(argv=None):
                 state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                              args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
                              epoch_rng=order.get_state() if step % steps_per_epoch == 0 else epoch_rng,
-                             torch_rng=torch.get_rng_state(), n_params=sum(p.numel() for p in model.parameters()))
+                             torch_rng=torch.get_rng_state(), n_params=n_params)
                 save_checkpoint(state, run_dir / "ckpt_last.pt")
                 if is_best:
                     save_checkpoint(state, run_dir / "ckpt_best.pt")
