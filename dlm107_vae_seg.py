@@ -102,7 +102,7 @@ class Config:
     parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
     train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
     spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')", part="the data: the spaces")
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+    epochs: int = flag(8, "training epochs (a plain --resume keeps the run's; 8, as the memory overfits by 20)", low=1,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(64, "captions per step", low=1)
     lr: float = flag(4e-3, "peak learning rate", above=0)

@@ -374,7 +374,7 @@ def test_help_documents_every_flag_once_with_its_default(script):
     for f in dataclasses.fields(MODULES[script].Config):
         flag = "--" + f.name.replace("_", "-")
         assert out.count(flag + " ") + out.count(flag + "\n") >= 1, flag
-    assert "%%" not in out and "(default: 20)" in out  # escapes rendered; the epochs default shown
+    assert "%%" not in out and f"(default: {MODULES[script].Config().epochs})" in out  # the epochs default shown
     assert "\nthe model" in out and "\noptimisation and data" in out and "\nrun control" in out  # in sections
     assert MODULES[script].RUN_FLAGS < {f.name for f in dataclasses.fields(MODULES[script].Config)}
 
@@ -382,7 +382,7 @@ def test_help_documents_every_flag_once_with_its_default(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tiny_data, tmp_path):
     """Train 3 epochs straight; and again stopped by --max-steps 6 (mid-epoch 2), then --resume'd without
-    --epochs: the run keeps its 3 epochs (and its lr schedule), not the default 20."""
+    --epochs: the run keeps its 3 epochs (and its lr schedule), not the default."""
     base = tiny_args(script, tiny_data, tmp_path, "--epochs", "3")
     call_ok(script, base + ["--run-name", "straight"])
     call_ok(script, base + ["--run-name", "split", "--max-steps", "6"])
