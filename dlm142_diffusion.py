@@ -27,6 +27,7 @@ full split; each step's term is split into "stay/reveal", "token at masked slots
 slots" (metrics.jsonl, noise_levels.png).
 The defaults (x0, CNN E = 96, D = 6, lr 1e-3) were chosen by measurement: RESULTS.md.
 Results rows:  python dlm142_diffusion.py                                  (the defaults; --epochs 40)
+              python dlm142_diffusion.py --backbone hybrid --embed 80 --depth 3  (the best bound; --epochs 40)
               python dlm142_diffusion.py --embed 50 --depth 11 --lr 1e-4  (the notes' network and lr)
 """
 from __future__ import annotations
