@@ -70,7 +70,8 @@ class Config:
     param: str = flag("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); gate mixes "
                      "a replace softmax with copying the input (the notes')", choices=("x0", "gate"), part="the model")
     backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN; a pre-norm transformer with rotary "
-                        "positions; or hybrid blocks of a tanh conv then rotary attention",
+                        "positions; or hybrid blocks of a tanh conv then rotary attention (the better bound for runs of half an hour "
+                        "or more; --embed 96 --depth 3 the best at 20 epochs: RESULTS.md)",
                         choices=("cnn", "transformer", "hybrid"))
     embed: int = flag(96, "embedding and channel width E (the notes' network: 50)", low=1)
     depth: int = flag(6, "blocks D: residual convs, transformer layers or hybrid blocks (the notes' network: 11)", low=1)
