@@ -4,6 +4,7 @@ A caption x = (x_1 .. x_100) (characters, then PAD; see data.py) is scored exact
 
     log p(x) = sum_t log p(x_t | x_<t),      h_t = GRU(h_{t-1}, e[x_{t-1}]),  x_0 = BOS
     y_t = h_t / std(h_t)                      (divide by the std over features, as the original)
+--dropout p drops features of e[x_{t-1}] and of y_t in training (the usual regulariser of a char LM).
 
 Head "mos" (default), a mixture of C softmaxes over the tied embedding e (C = --components):
     p(x_t = c | x_<t) = sum_k pi_k(y_t) q_k(c),   pi(y) = softmax(W y + b),
@@ -53,6 +54,8 @@ class Config:
     embed: int = flag(128, "embedding and GRU width E", low=1, part="the model")
     head: str = flag("mos", "output head: mixture of softmaxes or a plain softmax", choices=("mos", "softmax"))
     components: int = flag(400, "mixture components C of the mos head", low=1)
+    dropout: float = flag(0.0, "dropout on the GRU's input embeddings and on its normalised output before the "
+                          "head (training only; 0: off)", low=0, high=0.9)
     epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(100, "captions per step", low=1)
@@ -103,6 +106,7 @@ class Model(nn.Module):
         self.embed = nn.Embedding(vocab_size, E)  # N(0, 1); also the output matrix (tied)
         self.bos = data.BOS
         self.rnn = nn.GRU(E, E, batch_first=True)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # Identity: p = 0 draws no noise
         # <unit-std vector, N(0,1) row> has std sqrt(E): start the temperatures at 1/sqrt(E)
         # so the first predictions are soft, not one-hot.
         if self.head == "mos":
@@ -115,8 +119,8 @@ class Model(nn.Module):
 
     def features(self, x, h=None):
         """x (B, T) ids of the *inputs* -> y (B, T, E) normalised GRU states, and the last state."""
-        out, h = self.rnn(self.embed(x), h)
-        return std_norm(out), h
+        out, h = self.rnn(self.dropout(self.embed(x)), h)
+        return self.dropout(std_norm(out)), h
 
     def component_log_probs(self):
         """(C, V) log q_k(c): C fixed distributions over the vocabulary."""
