@@ -1,8 +1,8 @@
 """The math the four model scripts share, and what makes their numbers comparable.
 
 Log-densities and entropies of Gaussians, `logmeanexp` for importance-weighted bounds, a REINFORCE
-surrogate with a leave-one-out baseline, NLPPS and bits per character from per-caption nats, the seed
-of the evaluation noise; and one helper that builds the command line from a script's Config dataclass.
+surrogate with a leave-one-out baseline, NLPPS and bits per character from per-caption nats, the
+evaluation noise of each caption; and the helpers that build the command line from a script's Config.
 Everything else a script does (its model, its training loop, its run folder) is written in the script.
 """
 from __future__ import annotations
@@ -24,21 +24,15 @@ def gaussian_log_prob(x, mean, log_std):
     return -(0.5 * z.pow(2) + log_std + 0.5 * LOG_2PI).sum(-1)
 
 
-def mixture_log_prob(x, means, log_stds, log_weights=None):
-    """log sum_k w_k N(x; m_k, diag(s_k^2)) for x (..., D), means (C, D) of C components, log_stds (C, D) or
-    (D,), log_weights (C,) (uniform when None), by logsumexp over k. When the components share one scale s
-    (log_stds (D,)), sum_d (x_d - m_kd)^2 / s_d^2 = |x/s|^2 - 2 <x/s, m_k/s> + |m_k/s|^2 is a matmul, and no
-    (..., C, D) tensor is built (10x faster for a VAE's per-slot prior)."""
-    n_components = means.shape[0]
-    if log_weights is None:
-        log_weights = torch.full((n_components,), -math.log(n_components), device=x.device)
-    if log_stds.dim() == 1:
-        xs, ms = x * torch.exp(-log_stds), means * torch.exp(-log_stds)          # (..., D), (C, D)
-        square = xs.pow(2).sum(-1, keepdim=True) - 2 * xs @ ms.t() + ms.pow(2).sum(-1)  # (..., C)
-        per_component = -0.5 * square - (log_stds + 0.5 * LOG_2PI).sum()
-    else:
-        per_component = gaussian_log_prob(x.unsqueeze(-2), means, log_stds)      # (..., C)
-    return torch.logsumexp(per_component + log_weights, dim=-1)
+def mixture_log_prob(x, means, log_std):
+    """log (1/C) sum_k N(x; m_k, diag(s^2)) for x (..., D), means (C, D) of C equally weighted components that
+    share one scale s = exp(log_std) (D,), by logsumexp over k. sum_d (x_d - m_kd)^2 / s_d^2 =
+    |x/s|^2 - 2 <x/s, m_k/s> + |m_k/s|^2 is a matmul, so no (..., C, D) tensor is built (10x faster for a
+    VAE's per-slot prior)."""
+    xs, ms = x * torch.exp(-log_std), means * torch.exp(-log_std)               # (..., D), (C, D)
+    square = xs.pow(2).sum(-1, keepdim=True) - 2 * xs @ ms.t() + ms.pow(2).sum(-1)  # (..., C)
+    per_component = -0.5 * square - (log_std + 0.5 * LOG_2PI).sum()
+    return torch.logsumexp(per_component, dim=-1) - math.log(means.shape[0])
 
 
 def gaussian_entropy(log_std):
@@ -68,14 +62,20 @@ def reinforce_surrogate(log_q, reward, dim=0):
 
 # ----------------------------------------------------------------------------- the metric
 # torch seeds are 32-bit (2**32 + s replays seed s); --seed is below 2**31, so the evaluation noise,
-# drawn from a generator of its own seeded here, never repeats a training stream for any --seed.
+# drawn from generators seeded at or above EVAL_SEED, never repeats a training stream for any --seed.
 EVAL_SEED = 2**31 + 1234
 
 
 def eval_generator() -> torch.Generator:
-    """The CPU generator every evaluation draws its noise from: the same draws at every evaluation,
-    independent of --seed, of the device and of where training is (so a resumed run evaluates alike)."""
+    """A CPU generator for an evaluation's noise that belongs to no caption (a diagnostic's draws)."""
     return torch.Generator().manual_seed(EVAL_SEED)
+
+
+def caption_noise(first, count, draw):
+    """The evaluation noise of captions first .. first + count - 1 of a split, stacked (count, ...): caption i's
+    `draw(generator)` from its own CPU generator seeded EVAL_SEED + 1 + i, so a caption's number never depends on the batch it is
+    scored in (--eval-batch-size), on --seed, on the device, or on where training is."""
+    return torch.stack([draw(torch.Generator().manual_seed(EVAL_SEED + 1 + i)) for i in range(first, first + count)])
 
 
 def nlpps_and_bpc(nll: torch.Tensor, n_chars: torch.Tensor) -> tuple[float, float]:
@@ -86,11 +86,24 @@ def nlpps_and_bpc(nll: torch.Tensor, n_chars: torch.Tensor) -> tuple[float, floa
 
 
 # ----------------------------------------------------------------------------- flags from a dataclass
-def flag(default, help, *, choices=None, low=None, high=None, above=None, part=None):
+# The last section of every Config: a checkpoint keeps every flag above it, and none of these.
+RUN_CONTROL = "run control (how this command runs, not what the run is: a checkpoint keeps none of these)"
+
+
+def flag(default, help, *, choices=None, low=None, high=None, above=None, part=None, resume_may_change=False):
     """A Config field with its -h text and its valid values (low <= v <= high, v > above, v in choices).
-    `part` opens a section of -h: this flag and the ones after it, up to the next part."""
+    `part` opens a section of -h: this flag and the ones after it, up to the next part; from the part
+    RUN_CONTROL on, a checkpoint keeps no flag. resume_may_change: a kept flag that --resume may give anew."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high,
-                                                            above=above, part=part))
+                                                            above=above, part=part,
+                                                            resume_may_change=resume_may_change))
+
+
+def run_flags(config_cls) -> set[str]:
+    """The flags of the RUN_CONTROL section: how a command runs, which a checkpoint does not keep."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    first = next(i for i, f in enumerate(dataclasses.fields(config_cls)) if f.metadata["part"] == RUN_CONTROL)
+    return set(names[first:])
 
 
 def _checked(kind, m):
@@ -117,22 +130,18 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def parse_flags(config_cls, description, argv=None):
     """argparse built from the dataclass (a --flag per field, --x/--no-x for booleans, in sections by `part`);
-    parses argv.
-    Returns (config, the names of the flags given on the command line)."""
-    def parser(defaults=True):
-        p = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        section = p
-        for f in dataclasses.fields(config_cls):
-            m, name = f.metadata, "--" + f.name.replace("_", "-")
-            section = p.add_argument_group(m["part"]) if m["part"] else section
-            default, help = f.default if defaults else argparse.SUPPRESS, m["help"].replace("%", "%%")
-            if f.type in ("bool", bool):
-                section.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
-            else:
-                kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                section.add_argument(name, default=default, choices=m["choices"], type=_checked(kind, m),
-                                     help=help + " (default: %(default)s)")
-        return p
-    args = parser().parse_args(argv)
-    given = set(vars(parser(defaults=False).parse_args(argv)))
-    return config_cls(**vars(args)), given
+    parses argv once. Returns (config, the names of the flags given on the command line)."""
+    parser = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            argument_default=argparse.SUPPRESS)  # absent flags stay absent: `given` is exact
+    section = parser
+    for f in dataclasses.fields(config_cls):
+        m, name = f.metadata, "--" + f.name.replace("_", "-")
+        section = parser.add_argument_group(m["part"]) if m["part"] else section
+        help = m["help"].replace("%", "%%") + f" (default: {f.default})"
+        if f.type in ("bool", bool):
+            section.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            section.add_argument(name, choices=m["choices"], type=_checked(kind, m), help=help)
+    given = vars(parser.parse_args(argv))
+    return config_cls(**given), set(given)

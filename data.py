@@ -1,12 +1,20 @@
-"""Multi30k English captions as 100-slot character sequences: the one data loader.
+"""Character sequences as 100-slot id rows (Multi30k English captions, or your own text): the one data loader.
 
-Files come from (1) `--data-dir`, else (2) the folder in $DLM_DATA_DIR, else (3) a cache
-folder `.data/multi30k/` next to this file, downloaded on first use and checked by SHA-256.
+The data folder is (1) `--data-dir`, else (2) the folder in $DLM_DATA_DIR, else (3) a cache folder
+`.data/multi30k/` next to this file, which holds Multi30k, downloaded on first use. A local folder holds
+one of two layouts:
+  Multi30k:   train.en.gz, val.en.gz, test_2016_flickr.en.gz (gzipped UTF-8, one caption a line, kept as they
+              are), each checked against its published SHA-256 so that numbers stay comparable; --custom-data
+              (custom=True) accepts other files under these names on purpose.
+  plain text: train.txt, valid.txt, test.txt (each may be gzipped as .txt.gz instead; the .txt wins if both),
+              UTF-8, one sequence a line, blank lines skipped. Your own data: never checksum-checked.
+A folder holding all three Multi30k files is read as Multi30k, even if it holds plain text too; the plain-text
+layout is read only when a Multi30k file is missing. A folder with neither full layout is an error.
 
 Encoding, the same for every model so their numbers are comparable:
   vocabulary = PAD, BOS, UNK, then the sorted characters of the *training* split only;
-  a caption becomes exactly SLOTS=100 ids: its first <= 99 characters, then PAD up to 100,
-  so every caption ends with at least one PAD (the end is part of what a model predicts).
+  a sequence becomes exactly SLOTS=100 ids: its first <= 99 characters, then PAD up to 100,
+  so every sequence ends with at least one PAD (the end is part of what a model predicts).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ PAD, BOS, UNK = 0, 1, 2
 SPECIALS = ["<pad>", "<bos>", "<unk>"]
 URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 FILES = {"train": "train.en.gz", "val": "val.en.gz", "test": "test_2016_flickr.en.gz"}
+PLAIN_TEXT = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}  # each may be NAME.gz instead
 SHA256 = {
     "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
     "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
@@ -102,10 +111,30 @@ def find_file(name: str, data_dir: str | None = None) -> Path:
     return path if path.is_file() else _download(name, CACHE_DIR)
 
 
+def find_splits(data_dir: str | None = None) -> tuple[str, dict[str, Path]]:
+    """("multi30k" or "plain text", {split: path}) by the rule of the module docstring."""
+    local = data_dir or os.environ.get(ENV_VAR)
+    if not local:
+        return "multi30k", {split: find_file(name) for split, name in FILES.items()}
+    folder = Path(local)
+    multi30k = {split: folder / name for split, name in FILES.items()}
+    if all(path.is_file() for path in multi30k.values()):
+        return "multi30k", multi30k
+    plain_text = {split: next((p for p in (folder / name, folder / (name + ".gz")) if p.is_file()), None)
+                  for split, name in PLAIN_TEXT.items()}
+    if all(plain_text.values()):
+        return "plain text", plain_text
+    missing = next(path.name for path in multi30k.values() if not path.is_file())
+    source = "--data-dir" if data_dir else ENV_VAR
+    raise DataError(f"{missing} not found in {local} (from {source}); a data folder holds either Multi30k "
+                    f"({', '.join(FILES.values())}; downloadable from {URL}) or plain text "
+                    f"({', '.join(PLAIN_TEXT.values())}, each may be .txt.gz; one sequence a line)")
+
+
 def read_captions(path: Path) -> list[str]:
-    """The lines of a gzipped UTF-8 file; a truncated, non-gzip or non-UTF-8 file is a one-line error."""
+    """The lines of a UTF-8 file, gzipped if its name ends in .gz; an unreadable file is a one-line error."""
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f]
     except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error, OSError) as e:
         why = {EOFError: "truncated", gzip.BadGzipFile: "not a gzip file", UnicodeDecodeError: "not UTF-8 text"}
@@ -125,32 +154,50 @@ def removed_spaces(lines: list[str]) -> torch.Tensor:
     return gold
 
 
+def summary(source: str, lines: dict[str, list[str]], vocab: Vocab) -> str:
+    """One line: the data's source, lines per split, lines cut to fit, val/test characters read as <unk>."""
+    sizes = " / ".join(f"{split} {len(split_lines):,}" for split, split_lines in lines.items())
+    cut = sum(len(line) > SLOTS - 1 for split_lines in lines.values() for line in split_lines)
+    unseen = sorted({c for split in ("val", "test") for line in lines[split] for c in line} - set(vocab.stoi))
+    named = ", ".join(map(repr, unseen[:10])) + (", ..." if len(unseen) > 10 else "")
+    return (f"data: {source} | {sizes} lines | {cut:,} lines cut at {SLOTS - 1} characters | "
+            f"{len(unseen)} val/test characters unseen in train (<unk>)" + (f": {named}" if unseen else ""))
+
+
 def load(data_dir: str | None = None, custom: bool = False,
-         no_spaces: bool = False) -> tuple[Vocab, dict[str, torch.Tensor], dict[str, str]]:
-    """Returns the vocabulary, {split: LongTensor (N, SLOTS)} for train / val / test, and {file: SHA-256} of the
-    files read (a run records them, so that --resume and compare.py can tell when the data changed).
-    Every file must match the published SHA-256 (local folders and the cache alike), so that numbers stay
-    comparable; custom=True accepts other files on purpose. no_spaces removes the spaces of every caption
-    (the segmentation papers' protocol; a different string, so a different vocabulary and NLPPS) and adds
+         no_spaces: bool = False) -> tuple[Vocab, dict[str, torch.Tensor], dict[str, str], dict]:
+    """Returns the vocabulary, {split: LongTensor (N, SLOTS)} for train / val / test, {file: SHA-256} of the
+    files read (a run records them, so that --resume and compare.py can tell when the data changed), and
+    info = {"layout": "multi30k" or "plain text", "custom": bool, "summary": one line for the log}.
+    Multi30k files must match the published SHA-256 (local folders and the cache alike), so that numbers stay
+    comparable; custom=True accepts other files on purpose. Plain text is custom by construction (never
+    checked) and its blank lines are skipped. no_spaces removes the spaces of every sequence (the segmentation
+    papers' protocol; a different string, so a different vocabulary and NLPPS) and adds
     {split + "_spaces": removed_spaces(...)}, where they were, to score a segmentation against."""
-    captions, sha256 = {}, {}
-    for split, name in FILES.items():
-        path = find_file(name, data_dir)
-        sha256[name] = _sha256(path)
-        if not custom and sha256[name] != SHA256[name]:
-            raise DataError(f"{path} is not the published {name} (SHA-256 mismatch), so its numbers would not be "
-                            "comparable; pass --custom-data to use other files on purpose")
-        captions[split] = read_captions(path)
-        if not any(line.strip() for line in captions[split]):
-            raise DataError(f"{path} holds no captions")
+    layout, paths = find_splits(data_dir)
+    custom = custom or layout == "plain text"
+    lines, sha256 = {}, {}
+    for split, path in paths.items():
+        sha256[path.name] = _sha256(path)
+        if not custom and sha256[path.name] != SHA256[path.name]:
+            raise DataError(f"{path} is not the published {path.name} (SHA-256 mismatch), so its numbers "
+                            "would not be comparable; pass --custom-data to use other files on purpose")
+        lines[split] = read_captions(path)
+        if layout == "plain text":
+            lines[split] = [line for line in lines[split] if line.strip()]
+        if not any(line.strip() for line in lines[split]):
+            raise DataError(f"{path} holds no {'captions' if layout == 'multi30k' else 'sequences'}")
     spaces = {}
     if no_spaces:
-        spaces = {split + "_spaces": removed_spaces(lines) for split, lines in captions.items()}
-        captions = {split: [line.replace(" ", "") for line in lines] for split, lines in captions.items()}
-    vocab = Vocab([c for line in captions["train"] for c in line])
-    tensors = {split: torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long)
-               for split, lines in captions.items()}
-    return vocab, tensors | spaces, sha256
+        spaces = {split + "_spaces": removed_spaces(lines[split]) for split in lines}
+        lines = {split: [line.replace(" ", "") for line in lines[split]] for split in lines}
+    vocab = Vocab([c for line in lines["train"] for c in line])
+    tensors = {split: torch.tensor([vocab.encode(line) for line in split_lines], dtype=torch.long)
+               for split, split_lines in lines.items()}
+    label = "plain text" if layout == "plain text" else "Multi30k (custom data)" if custom else "Multi30k"
+    source = f"{label} in {paths['train'].parent}" + (", spaces removed" if no_spaces else "")
+    info = {"layout": layout, "custom": custom, "summary": summary(source, lines, vocab)}
+    return vocab, tensors | spaces, sha256, info
 
 
 def num_chars(x: torch.Tensor) -> torch.Tensor:

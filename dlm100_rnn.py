@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -56,7 +57,7 @@ class Config:
     components: int = flag(400, "mixture components C of the mos head", low=1)
     dropout: float = flag(0.0, "dropout on the GRU's input embeddings and on its normalised output before the "
                           "head (training only; 0: off)", low=0, high=0.9)
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1, resume_may_change=True,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(100, "captions per step", low=1)
     lr: float = flag(2e-3, "peak learning rate", above=0)
@@ -70,7 +71,7 @@ class Config:
     custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
                              "check); such runs are labelled and compare.py keeps them apart")
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
-                       part="run control (RUN_FLAGS: how this command runs, not what the run is)")
+                       part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
                       choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
@@ -86,11 +87,6 @@ class Config:
     log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
     max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
     eval_batch_size: int = flag(500, "captions per evaluation batch", low=1)
-
-
-# A checkpoint keeps every setting but these: --resume, --eval-only and --sample-only take the others from it.
-RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run_name", "overwrite", "resume",
-             "eval_only", "sample_only", "show_samples", "temperature", "log_every", "max_steps", "eval_batch_size"}
 
 
 # ----------------------------------------------------------------------------- model
@@ -152,52 +148,87 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
-def evaluate(model, x, batch_size, device):
-    """-log p(x) of every caption of x (N, L), in file order: exact."""
+def evaluate(model, x, cfg, device, full=True):
+    """-log p(x) of every caption of x (N, L), in file order, and extra metrics (the family's contract; `full`
+    is False for the per-epoch val check, where a latent model may estimate more cheaply). Exact here."""
     model.eval()
-    nll = torch.cat([model.loss(batch.to(device)).float().cpu() for batch in data.batches(x, batch_size)])
+    nll = torch.cat([model.loss(batch.to(device)).float().cpu() for batch in data.batches(x, cfg.eval_batch_size)])
     model.train()
-    return nll
+    return nll, {"bound": "exact"}
 
 
 @torch.no_grad()
-def sample(model, n, temperature, device, generator):
-    """Ancestral sampling, one slot at a time, from p(x_t | x_<t, x_t != BOS); once a caption draws PAD the
-    rest is PAD."""
+def sample(model, n, cfg, device, generator):
+    """Ancestral sampling, one slot at a time, from p(x_t | x_<t, x_t != BOS) at --temperature; once a caption
+    draws PAD the rest is PAD. Returns the captions (n, L) and extras (none here)."""
     model.eval()
     x = torch.full((n, 1), model.bos, dtype=torch.long, device=device)
     h, out = None, []
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for _ in range(data.SLOTS):
         y, h = model.features(x, h)
-        probs = torch.softmax(data.emittable(model.all_log_probs(y[:, -1])) / temperature, dim=-1)
+        probs = torch.softmax(data.emittable(model.all_log_probs(y[:, -1])) / cfg.temperature, dim=-1)
         x = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
         x[done] = data.PAD
         done |= x[:, 0] == data.PAD
         out.append(x)
     model.train()
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), {}
 
 
 # ============================================================================= the run
 # The same text in every script of the family, but for the lines where a model needs more (a test checks that
 # each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
+
+
 def as_flag(name, value):
     """A setting as it is typed: --embed 64, --no-spaces."""
     name = name.replace("_", "-")
     return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
 
-def settings(ckpt, cfg, given):
-    """The settings of a run read from its checkpoint: all but RUN_FLAGS come from it (a plain --resume also
-    keeps --epochs, which its lr schedule spans). Typing one of them with another value is refused."""
-    kept = {k: v for k, v in ckpt["args"].items() if k in Config.__dataclass_fields__
-            and (k not in RUN_FLAGS or (k == "epochs" and cfg.resume and k not in given))}
-    for k in sorted(given & kept.keys()):
-        if kept[k] != getattr(cfg, k):
-            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, kept[k])}: "
+def settings_from(ckpt, cfg, given):
+    """The settings of a run, read from its checkpoint: every flag but RUN_FLAGS (--resume may give a new
+    --epochs, which its lr schedule then spans). Typing one of them with another value is refused."""
+    fields = Config.__dataclass_fields__
+    saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
+             and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
+    for k in sorted(given & saved.keys()):
+        if saved[k] != getattr(cfg, k):
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, saved[k])}: "
                            "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
-    return dataclasses.replace(cfg, **kept)
+    return dataclasses.replace(cfg, **saved)
+
+
+def open_run(argv):
+    """Flags -> (settings, the checkpoint that --resume, --eval-only or --sample-only reads (else None), the
+    run folder). Nothing is written yet."""
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    if cfg.sample_only and not cfg.show_samples:
+        raise RunError("--sample-only with --show-samples 0 would print nothing")
+    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
+    if cfg.resume or cfg.eval_only or cfg.sample_only:
+        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
+        cfg = settings_from(ckpt, cfg, given)
+    return cfg, ckpt, run_dir
+
+
+def load_data(cfg, ckpt, run_dir):
+    """The vocabulary, the splits and their files' SHA-256; a run goes on with the data it was trained on, or
+    not at all. A plain-text corpus is custom data by construction."""
+    vocab, splits, sha256, data_info = data.load(cfg.data_dir or None, cfg.custom_data)
+    if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
+        changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
+                         if sha256.get(name) != ckpt["data_sha256"].get(name))
+        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
+                       "trained on (SHA-256): pass the --data-dir it used")
+    return vocab, splits, sha256, data_info
 
 
 def pick_device(name):
@@ -209,9 +240,16 @@ def pick_device(name):
     return torch.device(name)
 
 
+def lr_at(step, total_steps, cfg):
+    """The learning rate of a step: cosine from the peak down to 10% of it over training, or constant."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
+
+
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash or a full disk never leaves a half-written
-    checkpoint, and the previous one stays."""
+    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never leaves
+    a half-written checkpoint, and the previous one stays."""
     buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
     torch.save(state, buffer)
     try:
@@ -219,15 +257,19 @@ def save_checkpoint(state, path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
-        raise RunError(f"could not write {path}: {e.strerror or e}; {kept}") from None
+        previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
+    except KeyboardInterrupt:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir() \
-            else "check --out-dir and --run-name"
+        hint = ("it has no best checkpoint yet: --resume continues it" if (path.parent / "ckpt_last.pt").is_file()
+                else "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir()
+                else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -238,8 +280,20 @@ def load_checkpoint(path):
     return state
 
 
+def restore(model, optimizer, order, ckpt, cfg, run_dir):
+    """Load a checkpoint's weights, and for --resume the optimizer and both random streams as they were."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        if cfg.resume:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            order.set_state(ckpt["epoch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
+
+
 @contextlib.contextmanager
-def hold(run_dir):
+def lock_run_folder(run_dir):
     """Hold the run folder while this process uses it: an flock on its .lock file, which the OS releases
     however the process ends (no lock is ever stale). A second process on the same folder is refused."""
     try:
@@ -256,6 +310,25 @@ def hold(run_dir):
         yield
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM while training: the list it yields gets the signal, and the loop finishes its step,
+    saves and stops; a second signal stops at once."""
+    requests = []
+
+    def request_stop(signum, frame):
+        if requests:
+            raise KeyboardInterrupt("interrupted again: stopped at once")
+        requests.append(signum)
+
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def read_metrics(run_dir):
     """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
     path, records = run_dir / "metrics.jsonl", []
@@ -263,6 +336,26 @@ def read_metrics(run_dir):
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
     return records
+
+
+def keep_records(run_dir, keep):
+    """Rewrite metrics.jsonl with the records `keep` accepts (and without a torn last line)."""
+    records = [r for r in read_metrics(run_dir) if keep(r)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def prepare_run_folder(run_dir, cfg, ckpt):
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past its
+    checkpoint, which it is about to replay, and its old test record: the run ends with a new one."""
+    if ckpt is not None:
+        return keep_records(run_dir, lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+    old = [p for p in run_dir.iterdir() if p.name != ".lock"]
+    if old and not cfg.overwrite:
+        what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
+                           else ("a run stopped before its first checkpoint", ""))
+        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start it afresh")
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def log(run_dir, text, record=None):
@@ -290,18 +383,19 @@ def plot_curves(run_dir, title):
     plt.close(fig)
 
 
-def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
-    """Score a split: the eval line, its metrics record, for test the per-caption nats compare.py reads.
-    Returns the NLPPS."""
+def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
+    """Score a split: the eval line, its metrics record (with the run's `progress`: step, epoch, parameters,
+    training seconds), for test the per-caption nats compare.py reads. Returns the NLPPS."""
     t0 = time.time()
-    nll, bound, extra = evaluate(model, splits[split], cfg.eval_batch_size, device), "exact", {}
+    nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test")
+    bound = extra.pop("bound")
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
     data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data),) if on)
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
     seconds = time.time() - t0
-    log(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} "
-        f"({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
-        dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
+    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
+        f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
+        dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
         (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
@@ -311,32 +405,28 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
 def write_samples(model, vocab, cfg, device, run_dir, epoch):
     """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    lines = [f"[SAMPLE] {vocab.decode(s)}" for s in sample(model, cfg.show_samples, cfg.temperature, device, generator)]
+    ids, _ = sample(model, cfg.show_samples, cfg, device, generator)
+    lines = [f"[SAMPLE] {vocab.decode(s)}" for s in ids]
     with open(run_dir / "samples.txt", "a") as f:
         f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(line + "\n" for line in lines))
     for line in lines:
         log(run_dir, line)
 
 
+def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, progress, best_val):
+    """Everything --resume needs to continue exactly (mid-epoch too: the epoch's order is replayed from
+    epoch_rng), as plain tensors and containers."""
+    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), args=dataclasses.asdict(cfg),
+                vocab=vocab.itos, data_sha256=sha256, best_val=best_val, epoch_rng=epoch_rng,
+                torch_rng=torch.get_rng_state(), **progress)
+
+
 def run(argv=None):
-    cfg, given = common.parse_flags(Config, __doc__, argv)
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
-    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
-    if len(modes) > 1:
-        raise RunError("use only one of " + ", ".join(modes))
-    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
-        cfg = settings(ckpt, cfg, given)
+    cfg, ckpt, run_dir = open_run(argv)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits, sha256 = data.load(cfg.data_dir or None, cfg.custom_data)
-    if ckpt is not None:  # the run goes on with the data it was trained on, or not at all
-        changed = [name for name, digest in sha256.items() if ckpt.get("data_sha256", sha256)[name] != digest]
-        if changed or ckpt["vocab"] != vocab.itos:
-            raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
-                           "trained on (SHA-256): pass the --data-dir it used")
+    vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
+    cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
     train = splits["train"][: cfg.limit_train or None]
     model = Model(len(vocab), cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
@@ -345,110 +435,90 @@ def run(argv=None):
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
-    step, best_val = 0, math.inf
+    n_params = sum(p.numel() for p in model.parameters())
+    step, best_val, train_seconds = 0, math.inf, 0.0
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            if cfg.resume:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                order.set_state(ckpt["epoch_rng"])
-                torch.set_rng_state(ckpt["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
-        step, best_val = ckpt["step"], ckpt["best_val"]
+        restore(model, optimizer, order, ckpt, cfg, run_dir)
+        step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    with hold(run_dir):
-        if cfg.sample_only:
-            return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
-        if cfg.eval_only:
+    def progress():  # what every record and checkpoint says of where the run is
+        return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
+
+    if cfg.sample_only or cfg.eval_only:
+        with lock_run_folder(run_dir):
+            if cfg.sample_only:
+                return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
+            keep_records(run_dir, lambda r: True)  # (a torn last line would glue to the next record)
             for split in ("val", "test"):
-                evaluate_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
+                evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
-        if ckpt is None:  # a new run never mixes with an old one
-            old = [p for p in run_dir.iterdir() if p.name != ".lock"]
-            if old and not cfg.overwrite and not (run_dir / "ckpt_last.pt").exists():
-                raise RunError(f"{run_dir} holds a run stopped before its first checkpoint: --overwrite starts it "
-                               "afresh, or pick a new --run-name")
-            if old and not cfg.overwrite:
-                raise RunError(f"{run_dir} already holds a run: add --resume to continue it, pick a new --run-name, "
-                               "or --overwrite to start it afresh")
-            for path in old:
-                path.unlink()
-        else:  # records past the checkpoint are about to be replayed: drop them, so that no step shows twice
-            kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with lock_run_folder(run_dir), stop_requests() as stop:
+        prepare_run_folder(run_dir, cfg, ckpt)
         (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
-            f"{n_params:,} parameters | {len(train):,} training captions | {device} | "
+            f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-        stop = []  # Ctrl-C or SIGTERM while training: finish the step, save, stop; a second one stops at once
-
-        def request_stop(signum, frame):
+        log(run_dir, data_info["summary"])
+        losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
+        while step < last_step:
+            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from order's state
+                epoch_rng, epoch_t0 = order.get_state(), time.time()
+                epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
+            x, step_t0 = next(epoch_batches), time.time()
+            lr = lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss = forward(x.to(device)).mean()
+            if not torch.isfinite(loss):
+                last = run_dir / "ckpt_last.pt"
+                raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
+                               f"{last if last.exists() else '(none yet)'} is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
+            train_seconds += time.time() - step_t0
+            if step % cfg.log_every == 0 or step == 1:
+                now = time.time()
+                eta = round(train_seconds / step * (last_step - step))
+                log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
+                    f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
+                    f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
+                    dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
+                         seq_per_s=seen / (now - window_t0)))
+                losses, seen, window_t0 = [], 0, now
+            if not (stop or step == last_step or step % steps_per_epoch == 0):
+                continue
+            # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
+            is_best = False
+            if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+                val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
+                if not math.isfinite(val):
+                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last good "
+                                   f"checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                is_best, best_val = val <= best_val, min(val, best_val)
+            epoch_done = step % steps_per_epoch == 0
+            state = checkpoint_state(model, optimizer, order, order.get_state() if epoch_done else epoch_rng, vocab,
+                                     sha256, cfg, progress(), best_val)
+            if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
+                save_checkpoint(state, run_dir / "ckpt_best.pt")
+            save_checkpoint(state, run_dir / "ckpt_last.pt")
             if stop:
-                raise KeyboardInterrupt
-            stop.append(signum)
-
-        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        first_step, t0 = step, time.time()
-        losses, seen, window_t0 = [], 0, t0
-        try:
-            while step < last_step:
-                epoch, epoch_t0 = step // steps_per_epoch, time.time()
-                epoch_rng = order.get_state()  # saved mid-epoch, so that a resumed run replays this epoch's order
-                for x in data.batches(train, cfg.batch_size, order, skip=step - epoch * steps_per_epoch):
-                    lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps))
-                                   if cfg.lr_schedule == "cosine" else 1.0)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    with autocast:
-                        loss = forward(x.to(device)).mean()
-                    if not torch.isfinite(loss):
-                        kept = run_dir / "ckpt_last.pt"
-                        raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
-                                       f"{kept if kept.exists() else '(none yet)'} is kept")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
-                    if step % cfg.log_every == 0 or step == first_step + 1:
-                        now = time.time()
-                        eta = round((now - t0) / (step - first_step) * (last_step - step))
-                        log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
-                            f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
-                            f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                            dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
-                                 seq_per_s=seen / (now - window_t0)))
-                        losses, seen, window_t0 = [], 0, now
-                    if stop or step == last_step:
-                        break
-                is_best = False
-                if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
-                    val = evaluate_split(model, splits, "val", cfg, device, run_dir, step, step / steps_per_epoch)
-                    is_best, best_val = val <= best_val, min(val, best_val)
-                state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                             args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
-                             epoch_rng=order.get_state() if step % steps_per_epoch == 0 else epoch_rng,
-                             torch_rng=torch.get_rng_state(), n_params=n_params)
-                save_checkpoint(state, run_dir / "ckpt_last.pt")
-                if is_best:
-                    save_checkpoint(state, run_dir / "ckpt_best.pt")
-                if stop:
-                    raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
-                                            "add --resume to continue from it")
-                if cfg.show_samples:
-                    write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
-                plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+                raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
+                                        "add --resume to continue from it")
+            if cfg.show_samples:
+                write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
+            plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
+            epoch_batches = None
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
-        evaluate_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
+        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | dict(step=best["step"],
+                                                                                      epoch=best["step"] / steps_per_epoch))
 
 
 def main(argv=None):
@@ -458,9 +528,13 @@ def main(argv=None):
     except (RunError, data.DataError) as e:
         sys.exit(f"{SCRIPT}: error: {e}")
     except KeyboardInterrupt as e:
-        sys.exit(f"{SCRIPT}: {e or 'interrupted'}")
+        sys.exit(f"{SCRIPT}: {str(e) or 'interrupted'}")
     except OSError as e:  # a full disk, a read-only folder: say which file
         sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except RuntimeError as e:  # the one failure of a sound run: memory (e.g. --embed 100000)
+        if "alloc" not in str(e) and "out of memory" not in str(e):
+            raise
+        sys.exit(f"{SCRIPT}: error: out of memory: {str(e).splitlines()[0][:200]}")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ one-to-one.
 
 Because a piece depends on the characters before it only, the sum over all segmentations z is a chart:
     alpha_0 = 0,  alpha_j = logsumexp_{k=1..K} alpha_{j-k} + log p(c_{j-k+1..j} | h_{j-k})
-    log p(x) = alpha_n + log p(empty piece | h_n)                                  (exact; --inference exact)
+    log p(x) = alpha_n + log p(empty piece | h_n)                                  (exact; --estimator exact)
 max instead of logsumexp gives the most likely segmentation (viterbi_segmentation); the same chart from the
 right (beta) gives the posterior probability of every piece, p(piece | x) = exp(alpha_i + log p(piece) +
 beta_{i+k} - log p(x)), hence of a cut after each character. --length-penalty lambda adds Kawakami et al.'s
 expected length lambda * sum_pieces p(piece | x) |piece|^beta (--length-exponent) to the training loss only.
 The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
 
---inference reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
+--estimator reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
 after each character from a GRU (--parser causal|bi), cuts forced as in p;
     log p(x) >= ELBO = E_q[log p(x, z) - log q(z|x)],  KL(q || p(z|x)) = log p(x) - ELBO (logged)
 with pathwise gradients for p and REINFORCE (leave-one-out baseline over --train-samples draws) for q.
@@ -39,7 +39,7 @@ space in the vocabulary; the papers' protocol; a different string, labelled so) 
 the removed spaces. Boundary F1 with the spaces kept: a cut just before or just after a space marks that word
 boundary, cuts and spaces matched one to one; word F1: a word (the characters between two boundaries, spaces
 left out) is right when both its ends are.
-Results row:  python dlm107_vae_seg.py      (and --lexicon 0, --inference reinforce, --segmenter spaces, --no-spaces)
+Results row:  python dlm107_vae_seg.py      (and --lexicon 0, --estimator reinforce, --segmenter spaces, --no-spaces)
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -90,7 +91,7 @@ class Config:
     lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
     lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start with it "
                            "(exact, ~13x cheaper); --no-lex-factor: one softmax over all the entries")
-    inference: str = flag("exact", "train by the exact log p(x), or by the ELBO of a REINFORCE-trained q(z|x)",
+    estimator: str = flag("exact", "the training gradient: of the exact log p(x), or of the ELBO of a REINFORCE-trained q(z|x)",
                          choices=("exact", "reinforce"), part="the model: how it is trained (the reported NLPPS is always the exact -log p(x))")
     segmenter: str = flag("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
                          "space only (DLM106)", choices=("learned", "spaces"))
@@ -102,7 +103,7 @@ class Config:
     parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
     train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
     spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')", part="the data: the spaces")
-    epochs: int = flag(8, "training epochs (a plain --resume keeps the run's; 8, as the memory overfits by 20)", low=1,
+    epochs: int = flag(8, "training epochs (a plain --resume keeps the run's; 8, as the memory overfits by 20)", low=1, resume_may_change=True,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(64, "captions per step", low=1)
     lr: float = flag(4e-3, "peak learning rate", above=0)
@@ -116,7 +117,7 @@ class Config:
     custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
                              "check); such runs are labelled and compare.py keeps them apart")
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
-                       part="run control (RUN_FLAGS: how this command runs, not what the run is)")
+                       part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
                       choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
@@ -138,12 +139,6 @@ class Config:
     @property
     def no_spaces(self) -> bool:  # (a field named no_spaces would make argparse read --no-spaces as "False")
         return not self.spaces
-
-
-# A checkpoint keeps every setting but these: --resume, --eval-only and --sample-only take the others from it.
-RUN_FLAGS = {"epochs", "device", "dtype", "compile", "data_dir", "out_dir", "run_name", "overwrite", "resume",
-             "eval_only", "sample_only", "show_samples", "temperature", "log_every", "max_steps", "eval_batch_size",
-             "iw_samples"}
 
 
 # ----------------------------------------------------------------------------- the lexical memory
@@ -415,7 +410,7 @@ class Model(nn.Module):
         super().__init__()
         E, D = cfg.embed, cfg.piece_embed
         self.V, self.max_piece, self.space = vocab_size, cfg.max_piece, space
-        self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.inference == "reinforce", cfg.train_samples
+        self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.estimator == "reinforce", cfg.train_samples
         self.piece_cost, self.length_penalty, self.length_exponent = cfg.piece_cost, cfg.length_penalty, cfg.length_exponent
         self.embed = nn.Embedding(vocab_size, E)
         self.context = nn.GRU(E, E, batch_first=True)
@@ -497,19 +492,21 @@ class Model(nn.Module):
         ends, n = by_end(scores - piece_cost), data.num_chars(x)
         return chart(ends, n) + closing.gather(1, n[:, None]).squeeze(1), (scores, ends, closing, n)
 
-    # --- the segmenter q(z|x) of --inference reinforce
+    # --- the segmenter q(z|x) of --estimator reinforce
     def cut_logits(self, x):
         """x (B, L) -> (B, L) logit of a cut after each character."""
         return self.cut(self.seg_rnn(self.seg_embed(x))[0]).squeeze(-1)
 
-    def draw_cuts(self, x, n_samples, generator=None, drawn=None, greedy=False):
+    def draw_cuts(self, x, n_samples, uniform=None, drawn=None, greedy=False):
         """x (B, L) -> cuts (n_samples, B, L) from q (or `drawn`; or q's likelier decision at each character if
-        greedy) and log q(cuts|x) (n_samples, B). Noise from the CPU RNG: a checkpoint's torch_rng replays it."""
+        greedy) and log q(cuts|x) (n_samples, B). Noise: `uniform` (n_samples, B, L) draws in [0, 1), else the
+        CPU RNG (training: a checkpoint's torch_rng replays it)."""
         logits = self.cut_logits(x).expand(n_samples, -1, -1)
         if greedy:
             drawn = logits > 0
         elif drawn is None:
-            drawn = torch.rand(logits.shape, generator=generator).to(x.device) < logits.sigmoid()
+            uniform = torch.rand(logits.shape) if uniform is None else uniform
+            drawn = uniform.to(x.device) < logits.sigmoid()
         cuts, free = force_cuts(drawn, data.num_chars(x), self.max_piece)
         log_q = -F.binary_cross_entropy_with_logits(logits, cuts.to(logits.dtype), reduction="none")
         return cuts, torch.where(free, log_q, 0.0).sum(-1)
@@ -538,15 +535,22 @@ class Model(nn.Module):
         return self.length_penalty * expected_length_cost(scores, n, self.length_exponent)
 
 
-def build_model(vocab, train, cfg):
+def check_flags(cfg):
+    """The flag combinations this model refuses, in one place (before any file is written)."""
     if cfg.compile:  # its chart is a Python loop over up to 99 characters: inductor took minutes, then failed
         raise RunError("--compile is not supported by dlm107 (its chart loop compiles for many minutes on a CPU)")
-    lex_max = cfg.lex_max or cfg.max_piece
-    if lex_max > cfg.max_piece or cfg.lex_min > lex_max:
-        raise RunError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {lex_max}, {cfg.max_piece}")
-    if cfg.segmenter == "spaces" and (cfg.inference == "reinforce" or cfg.no_spaces):
-        raise RunError("--segmenter spaces cuts after the spaces: not with --inference reinforce or --no-spaces")
-    lexicon = LexicalMemory.most_frequent(train, cfg.lexicon, cfg.lex_min, lex_max)
+    if (cfg.lex_max or cfg.max_piece) > cfg.max_piece or cfg.lex_min > (cfg.lex_max or cfg.max_piece):
+        raise RunError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {cfg.lex_max or cfg.max_piece}, "
+                       f"{cfg.max_piece}")
+    if cfg.segmenter == "spaces" and (cfg.estimator == "reinforce" or cfg.no_spaces):
+        raise RunError("--segmenter spaces cuts after the spaces: not with --estimator reinforce or --no-spaces")
+    if cfg.dtype == "bfloat16":  # the chart writes float32 sums into its tables
+        raise RunError("--dtype bfloat16 is not supported by dlm107 (its chart keeps float32 tables)")
+
+
+def build_model(vocab, train, cfg):
+    """The model, with its lexicon: the --lexicon most frequent training substrings."""
+    lexicon = LexicalMemory.most_frequent(train, cfg.lexicon, cfg.lex_min, cfg.lex_max or cfg.max_piece)
     return Model(len(vocab), vocab.stoi.get(" ", -1), lexicon, cfg)
 
 
@@ -603,16 +607,16 @@ def segmentation_stats(counts, prefix=""):
 
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
-def evaluate(model, x, batch_size, iw_samples, device, gold=None):
-    """Exact -log p(x) per caption (file order), and the Viterbi segmentation scored against the words (gold:
-    the removed spaces with --no-spaces). reinforce adds -ELBO (--train-samples draws), with iw_samples > 0
-    the IW bound from that many draws, KL(q || p(z|x)) and q's segmentation; spaces adds its joint.
-    Returns (nll, extra metrics)."""
+def evaluate(model, x, cfg, device, full=True, gold=None):
+    """Exact -log p(x) per caption (file order), and extras: the Viterbi segmentation scored against the words
+    (gold: the removed spaces with --no-spaces). reinforce adds -ELBO (--train-samples draws), with `full` (the
+    test) the IW bound from --iw-samples draws, KL(q || p(z|x)) and q's segmentation; spaces adds its joint.
+    Each caption's draws are its own (common.caption_noise), so no number depends on --eval-batch-size."""
     model.eval()
-    generator, nll, extra = common.eval_generator(), [], {}
-    counts = {"": 0, "q_": 0}
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size].to(device)
+    nll, extra, counts = [], {}, {"": 0, "q_": 0}
+    draws = cfg.iw_samples if full else model.train_samples
+    for start in range(0, len(x), cfg.eval_batch_size):
+        batch = x[start:start + cfg.eval_batch_size].to(device)
         log_px, (scores, ends, closing, n) = model.log_prob(batch)
         best = viterbi_segmentation(ends, n)[1]
         nll.append(-log_px.double().cpu())
@@ -622,20 +626,20 @@ def evaluate(model, x, batch_size, iw_samples, device, gold=None):
             joint = log_joint(ends, closing, n, force_cuts(batch == model.space, n, model.max_piece)[0])
             extra["joint_nlpps"] = extra.get("joint_nlpps", 0.0) - joint.sum().item()
         if model.reinforce:
-            f = []
-            total = iw_samples or model.train_samples
-            for i in range(0, total, model.train_samples):  # --train-samples at a time: memory as in training
-                cuts, log_q = model.draw_cuts(batch, min(model.train_samples, total - i), generator)
-                f.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
-            f = torch.cat(f)
-            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - f[:model.train_samples].mean(0).sum().item()
-            if iw_samples:
-                extra["iw_nlpps"] = extra.get("iw_nlpps", 0.0) - common.logmeanexp(f, 0).sum().item()
-            counts["q_"] = counts["q_"] + segmentation_counts(batch, model.draw_cuts(batch, 1, greedy=True)[0][0],
-                                                              model.space, g)
+            uniform = common.caption_noise(start, len(batch), lambda g: torch.rand(draws, x.shape[1], generator=g))
+            log_w = []  # log p(x, z) - log q(z | x), --train-samples draws at a time: memory as in training
+            for chunk in uniform.transpose(0, 1).split(model.train_samples):  # (S, B, L)
+                cuts, log_q = model.draw_cuts(batch, len(chunk), uniform=chunk)
+                log_w.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
+            log_w = torch.cat(log_w)                                                  # (draws, B)
+            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - log_w[:model.train_samples].mean(0).sum().item()
+            if full:
+                extra["iw_nlpps"] = extra.get("iw_nlpps", 0.0) - common.logmeanexp(log_w, 0).sum().item()
+            greedy = model.draw_cuts(batch, 1, greedy=True)[0][0]
+            counts["q_"] = counts["q_"] + segmentation_counts(batch, greedy, model.space, g)
     model.train()
     nll = torch.cat(nll)
-    extra = {k: v / len(x) for k, v in extra.items()}
+    extra = {"bound": "exact"} | {k: v / len(x) for k, v in extra.items()}
     if model.reinforce:
         extra["kl_gap"] = extra["elbo_nlpps"] - nll.mean().item()
         extra.update(segmentation_stats(counts["q_"], "q_"))
@@ -644,13 +648,13 @@ def evaluate(model, x, batch_size, iw_samples, device, gold=None):
 
 
 @torch.no_grad()
-def sample(model, n, temperature, device, generator, slots=data.SLOTS):
+def sample(model, n, cfg, device, generator, slots=data.SLOTS):
     """Ancestral sampling, piece by piece: the gate picks the lexicon (one entry that fits) or the piece GRU
     (characters until <pad> or the forced end); the context GRU then reads the piece. An empty piece, or
-    99 characters, ends a caption. Returns captions (n, slots) and their cuts (n, slots)."""
+    99 characters, ends a caption. Returns captions (n, slots) and extras: their cuts (n, slots)."""
     model.eval()
     def draw(logits):
-        probs = torch.softmax(logits.float() / temperature, -1).cpu()
+        probs = torch.softmax(logits.float() / cfg.temperature, -1).cpu()
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
 
     x = torch.full((n, slots + 1), data.PAD, dtype=torch.long, device=device)  # + a spare column for non-writes
@@ -667,7 +671,7 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
         chars = ~done
         if model.memory is not None:
             memory = model.memory
-            g = torch.where(room >= memory.entry_len.min(), (memory.gate(h).squeeze(-1) / temperature).sigmoid(), 0.0)
+            g = torch.where(room >= memory.entry_len.min(), (memory.gate(h).squeeze(-1) / cfg.temperature).sigmoid(), 0.0)
             use = ~done & (torch.rand(n, generator=generator).to(device) < g)
             entry = draw(memory.all_log_probs(h, room))  # an entry that fits, from p_lex(. | h)
             piece[use, :memory.lexicon.shape[1]] = memory.lexicon[entry[use]]
@@ -691,13 +695,28 @@ def sample(model, n, temperature, device, generator, slots=data.SLOTS):
         cuts[rows, torch.where(length > 0, pos + length - 1, slots)] = True
         pos += length
     model.train()
-    return x[:, :slots], cuts[:, :slots]
+    return x[:, :slots], {"cuts": cuts[:, :slots]}
 
 
 def with_cuts(vocab, ids, cuts):
     """A caption as text with '|' between its pieces."""
     n = int(data.num_chars(ids[None]))
     return "".join(vocab.decode(ids[t:t + 1]) + ("|" if cuts[t] and t < n - 1 else "") for t in range(n))
+
+
+@torch.no_grad()
+def show_segments(model, vocab, shown, run_dir):
+    """Lines of captions cut by Viterbi (and by q's likelier decisions), and segments.png: the posterior
+    probability of a cut after each of their characters."""
+    model.eval()
+    _, (scores, ends, _, n) = model.log_prob(shown)
+    best = viterbi_segmentation(ends, n)[1]
+    lines = [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)]
+    if model.reinforce:
+        lines += [f"[SEGMENT q] {with_cuts(vocab, *s)}" for s in zip(shown, model.draw_cuts(shown, 1, greedy=True)[0][0])]
+    model.train()
+    plot_segments(vocab, shown, cut_probabilities(scores, n), best, run_dir)
+    return lines
 
 
 def plot_segments(vocab, shown, cut_probs, best, folder):
@@ -717,22 +736,56 @@ def plot_segments(vocab, shown, cut_probs, best, folder):
 # ============================================================================= the run
 # The same text in every script of the family, but for the lines where a model needs more (a test checks that
 # each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
+
+
 def as_flag(name, value):
     """A setting as it is typed: --embed 64, --no-spaces."""
     name = name.replace("_", "-")
     return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
 
-def settings(ckpt, cfg, given):
-    """The settings of a run read from its checkpoint: all but RUN_FLAGS come from it (a plain --resume also
-    keeps --epochs, which its lr schedule spans). Typing one of them with another value is refused."""
-    kept = {k: v for k, v in ckpt["args"].items() if k in Config.__dataclass_fields__
-            and (k not in RUN_FLAGS or (k == "epochs" and cfg.resume and k not in given))}
-    for k in sorted(given & kept.keys()):
-        if kept[k] != getattr(cfg, k):
-            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, kept[k])}: "
+def settings_from(ckpt, cfg, given):
+    """The settings of a run, read from its checkpoint: every flag but RUN_FLAGS (--resume may give a new
+    --epochs, which its lr schedule then spans). Typing one of them with another value is refused."""
+    fields = Config.__dataclass_fields__
+    saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
+             and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
+    for k in sorted(given & saved.keys()):
+        if saved[k] != getattr(cfg, k):
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, saved[k])}: "
                            "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
-    return dataclasses.replace(cfg, **kept)
+    return dataclasses.replace(cfg, **saved)
+
+
+def open_run(argv):
+    """Flags -> (settings, the checkpoint that --resume, --eval-only or --sample-only reads (else None), the
+    run folder). Nothing is written yet."""
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    if cfg.sample_only and not cfg.show_samples:
+        raise RunError("--sample-only with --show-samples 0 would print nothing")
+    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
+    if cfg.resume or cfg.eval_only or cfg.sample_only:
+        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
+        cfg = settings_from(ckpt, cfg, given)
+    return cfg, ckpt, run_dir
+
+
+def load_data(cfg, ckpt, run_dir):
+    """The vocabulary, the splits and their files' SHA-256; a run goes on with the data it was trained on, or
+    not at all. A plain-text corpus is custom data by construction."""
+    vocab, splits, sha256, data_info = data.load(cfg.data_dir or None, cfg.custom_data, cfg.no_spaces)
+    if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
+        changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
+                         if sha256.get(name) != ckpt["data_sha256"].get(name))
+        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
+                       "trained on (SHA-256): pass the --data-dir it used")
+    return vocab, splits, sha256, data_info
 
 
 def pick_device(name):
@@ -744,9 +797,16 @@ def pick_device(name):
     return torch.device(name)
 
 
+def lr_at(step, total_steps, cfg):
+    """The learning rate of a step: cosine from the peak down to 10% of it over training, or constant."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
+
+
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash or a full disk never leaves a half-written
-    checkpoint, and the previous one stays."""
+    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never leaves
+    a half-written checkpoint, and the previous one stays."""
     buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
     torch.save(state, buffer)
     try:
@@ -754,15 +814,19 @@ def save_checkpoint(state, path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
-        raise RunError(f"could not write {path}: {e.strerror or e}; {kept}") from None
+        previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
+    except KeyboardInterrupt:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir() \
-            else "check --out-dir and --run-name"
+        hint = ("it has no best checkpoint yet: --resume continues it" if (path.parent / "ckpt_last.pt").is_file()
+                else "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir()
+                else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -773,8 +837,20 @@ def load_checkpoint(path):
     return state
 
 
+def restore(model, optimizer, order, ckpt, cfg, run_dir):
+    """Load a checkpoint's weights, and for --resume the optimizer and both random streams as they were."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        if cfg.resume:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            order.set_state(ckpt["epoch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
+
+
 @contextlib.contextmanager
-def hold(run_dir):
+def lock_run_folder(run_dir):
     """Hold the run folder while this process uses it: an flock on its .lock file, which the OS releases
     however the process ends (no lock is ever stale). A second process on the same folder is refused."""
     try:
@@ -791,6 +867,25 @@ def hold(run_dir):
         yield
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM while training: the list it yields gets the signal, and the loop finishes its step,
+    saves and stops; a second signal stops at once."""
+    requests = []
+
+    def request_stop(signum, frame):
+        if requests:
+            raise KeyboardInterrupt("interrupted again: stopped at once")
+        requests.append(signum)
+
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def read_metrics(run_dir):
     """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
     path, records = run_dir / "metrics.jsonl", []
@@ -798,6 +893,26 @@ def read_metrics(run_dir):
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
     return records
+
+
+def keep_records(run_dir, keep):
+    """Rewrite metrics.jsonl with the records `keep` accepts (and without a torn last line)."""
+    records = [r for r in read_metrics(run_dir) if keep(r)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def prepare_run_folder(run_dir, cfg, ckpt):
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past its
+    checkpoint, which it is about to replay, and its old test record: the run ends with a new one."""
+    if ckpt is not None:
+        return keep_records(run_dir, lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+    old = [p for p in run_dir.iterdir() if p.name != ".lock"]
+    if old and not cfg.overwrite:
+        what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
+                           else ("a run stopped before its first checkpoint", ""))
+        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start it afresh")
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def log(run_dir, text, record=None):
@@ -814,8 +929,8 @@ def plot_curves(run_dir, title):
     """curves.png: train and val NLPPS against epoch, from metrics.jsonl."""
     records = read_metrics(run_dir)
     fig, (ax, segmentation) = plt.subplots(1, 2, figsize=(11, 4))  # and beside it, the val segmentation
-    for key in ("f1", "word_f1", "cut_rate"):
-        points = np.array([(r["epoch"], r[key]) for r in records if r["kind"] == "val"]).reshape(-1, 2)
+    for key in ("boundary_f1", "token_f1", "cut_rate"):
+        points = np.array([(r["epoch"], r[key]) for r in records if r["kind"] == "val" and key in r]).reshape(-1, 2)
         segmentation.plot(points[:, 0], points[:, 1], "o-", markersize=3, label=f"val {key}")
     segmentation.set(xlabel="epoch", title="segmentation (Viterbi cuts vs. words)")
     segmentation.grid(alpha=0.3)
@@ -831,20 +946,21 @@ def plot_curves(run_dir, title):
     plt.close(fig)
 
 
-def evaluate_split(model, splits, split, cfg, device, run_dir, step, epoch):
-    """Score a split: the eval line, its metrics record, for test the per-caption nats compare.py reads.
-    Returns the NLPPS."""
+def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
+    """Score a split: the eval line, its metrics record (with the run's `progress`: step, epoch, parameters,
+    training seconds), for test the per-caption nats compare.py reads. Returns the NLPPS."""
     t0 = time.time()
-    iw_samples = cfg.iw_samples if split == "test" else 0
-    nll, extra = evaluate(model, splits[split], cfg.eval_batch_size, iw_samples, device, splits.get(split + "_spaces"))
-    bound = "exact"
+    nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test",
+                          gold=splits.get(split + "_spaces"))
+    bound = extra.pop("bound")
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
-    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data), ("spaces removed", cfg.no_spaces)) if on)
+    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data), ("spaces removed", cfg.no_spaces))
+                           if on)
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
     seconds = time.time() - t0
-    log(run_dir, f"eval {split} | epoch {epoch:.2f} | step {step} | nlpps {nlpps:.2f} | bpc {bpc:.4f} "
-        f"({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
-        dict(kind=split, step=step, epoch=epoch, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
+    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
+        f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
+        dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
         (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
@@ -856,43 +972,30 @@ def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
     # samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png shows
     # the posterior probability of a cut after each of their characters
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    lines = [f"[SAMPLE] {with_cuts(vocab, *s)}" for s in zip(*sample(model, cfg.show_samples, cfg.temperature,
-                                                                       device, generator))]
-    shown = splits["test"][:SHOWN].to(device)
-    with torch.no_grad():
-        model.eval()
-        _, (scores, ends, _, n) = model.log_prob(shown)
-        best = viterbi_segmentation(ends, n)[1]
-        lines += [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)]
-        if model.reinforce:  # and q's likelier decisions
-            lines += [f"[SEGMENT q] {with_cuts(vocab, *s)}" for s in zip(shown, model.draw_cuts(shown, 1, greedy=True)[0][0])]
-        model.train()
-    plot_segments(vocab, shown, cut_probabilities(scores, n), best, run_dir)
+    ids, extra = sample(model, cfg.show_samples, cfg, device, generator)
+    lines = [f"[SAMPLE] {with_cuts(vocab, s, cuts)}" for s, cuts in zip(ids, extra["cuts"])]
+    lines += show_segments(model, vocab, splits["test"][:SHOWN].to(device), run_dir)
     with open(run_dir / "samples.txt", "a") as f:
         f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(line + "\n" for line in lines))
     for line in lines:
         log(run_dir, line)
 
 
+def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, progress, best_val):
+    """Everything --resume needs to continue exactly (mid-epoch too: the epoch's order is replayed from
+    epoch_rng), as plain tensors and containers."""
+    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), args=dataclasses.asdict(cfg),
+                vocab=vocab.itos, data_sha256=sha256, best_val=best_val, epoch_rng=epoch_rng,
+                torch_rng=torch.get_rng_state(), **progress)
+
+
 def run(argv=None):
-    cfg, given = common.parse_flags(Config, __doc__, argv)
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
-    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
-    if len(modes) > 1:
-        raise RunError("use only one of " + ", ".join(modes))
-    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
-        cfg = settings(ckpt, cfg, given)
+    cfg, ckpt, run_dir = open_run(argv)
+    check_flags(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits, sha256 = data.load(cfg.data_dir or None, cfg.custom_data, cfg.no_spaces)
-    if ckpt is not None:  # the run goes on with the data it was trained on, or not at all
-        changed = [name for name, digest in sha256.items() if ckpt.get("data_sha256", sha256)[name] != digest]
-        if changed or ckpt["vocab"] != vocab.itos:
-            raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
-                           "trained on (SHA-256): pass the --data-dir it used")
+    vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
+    cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
     train = splits["train"][: cfg.limit_train or None]
     model = build_model(vocab, train, cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
@@ -901,110 +1004,90 @@ def run(argv=None):
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
-    step, best_val = 0, math.inf
+    n_params = sum(p.numel() for p in model.parameters())
+    step, best_val, train_seconds = 0, math.inf, 0.0
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            if cfg.resume:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                order.set_state(ckpt["epoch_rng"])
-                torch.set_rng_state(ckpt["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
-        step, best_val = ckpt["step"], ckpt["best_val"]
+        restore(model, optimizer, order, ckpt, cfg, run_dir)
+        step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    with hold(run_dir):
-        if cfg.sample_only:
-            return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
-        if cfg.eval_only:
+    def progress():  # what every record and checkpoint says of where the run is
+        return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
+
+    if cfg.sample_only or cfg.eval_only:
+        with lock_run_folder(run_dir):
+            if cfg.sample_only:
+                return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+            keep_records(run_dir, lambda r: True)  # (a torn last line would glue to the next record)
             for split in ("val", "test"):
-                evaluate_split(model, splits, split, cfg, device, run_dir, step, step / steps_per_epoch)
+                evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
-        if ckpt is None:  # a new run never mixes with an old one
-            old = [p for p in run_dir.iterdir() if p.name != ".lock"]
-            if old and not cfg.overwrite and not (run_dir / "ckpt_last.pt").exists():
-                raise RunError(f"{run_dir} holds a run stopped before its first checkpoint: --overwrite starts it "
-                               "afresh, or pick a new --run-name")
-            if old and not cfg.overwrite:
-                raise RunError(f"{run_dir} already holds a run: add --resume to continue it, pick a new --run-name, "
-                               "or --overwrite to start it afresh")
-            for path in old:
-                path.unlink()
-        else:  # records past the checkpoint are about to be replayed: drop them, so that no step shows twice
-            kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with lock_run_folder(run_dir), stop_requests() as stop:
+        prepare_run_folder(run_dir, cfg, ckpt)
         (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
-            f"{n_params:,} parameters | {len(train):,} training captions | {device} | "
+            f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-        stop = []  # Ctrl-C or SIGTERM while training: finish the step, save, stop; a second one stops at once
-
-        def request_stop(signum, frame):
+        log(run_dir, data_info["summary"])
+        losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
+        while step < last_step:
+            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from order's state
+                epoch_rng, epoch_t0 = order.get_state(), time.time()
+                epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
+            x, step_t0 = next(epoch_batches), time.time()
+            lr = lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss = forward(x.to(device)).mean()
+            if not torch.isfinite(loss):
+                last = run_dir / "ckpt_last.pt"
+                raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
+                               f"{last if last.exists() else '(none yet)'} is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
+            train_seconds += time.time() - step_t0
+            if step % cfg.log_every == 0 or step == 1:
+                now = time.time()
+                eta = round(train_seconds / step * (last_step - step))
+                log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
+                    f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
+                    f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
+                    dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
+                         seq_per_s=seen / (now - window_t0)))
+                losses, seen, window_t0 = [], 0, now
+            if not (stop or step == last_step or step % steps_per_epoch == 0):
+                continue
+            # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
+            is_best = False
+            if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+                val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
+                if not math.isfinite(val):
+                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last good "
+                                   f"checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                is_best, best_val = val <= best_val, min(val, best_val)
+            epoch_done = step % steps_per_epoch == 0
+            state = checkpoint_state(model, optimizer, order, order.get_state() if epoch_done else epoch_rng, vocab,
+                                     sha256, cfg, progress(), best_val)
+            if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
+                save_checkpoint(state, run_dir / "ckpt_best.pt")
+            save_checkpoint(state, run_dir / "ckpt_last.pt")
             if stop:
-                raise KeyboardInterrupt
-            stop.append(signum)
-
-        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        first_step, t0 = step, time.time()
-        losses, seen, window_t0 = [], 0, t0
-        try:
-            while step < last_step:
-                epoch, epoch_t0 = step // steps_per_epoch, time.time()
-                epoch_rng = order.get_state()  # saved mid-epoch, so that a resumed run replays this epoch's order
-                for x in data.batches(train, cfg.batch_size, order, skip=step - epoch * steps_per_epoch):
-                    lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps))
-                                   if cfg.lr_schedule == "cosine" else 1.0)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    with autocast:
-                        loss = forward(x.to(device)).mean()
-                    if not torch.isfinite(loss):
-                        kept = run_dir / "ckpt_last.pt"
-                        raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
-                                       f"{kept if kept.exists() else '(none yet)'} is kept")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
-                    if step % cfg.log_every == 0 or step == first_step + 1:
-                        now = time.time()
-                        eta = round((now - t0) / (step - first_step) * (last_step - step))
-                        log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
-                            f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
-                            f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                            dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
-                                 seq_per_s=seen / (now - window_t0)))
-                        losses, seen, window_t0 = [], 0, now
-                    if stop or step == last_step:
-                        break
-                is_best = False
-                if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
-                    val = evaluate_split(model, splits, "val", cfg, device, run_dir, step, step / steps_per_epoch)
-                    is_best, best_val = val <= best_val, min(val, best_val)
-                state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                             args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
-                             epoch_rng=order.get_state() if step % steps_per_epoch == 0 else epoch_rng,
-                             torch_rng=torch.get_rng_state(), n_params=n_params)
-                save_checkpoint(state, run_dir / "ckpt_last.pt")
-                if is_best:
-                    save_checkpoint(state, run_dir / "ckpt_best.pt")
-                if stop:
-                    raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
-                                            "add --resume to continue from it")
-                if cfg.show_samples:
-                    write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
-                plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+                raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
+                                        "add --resume to continue from it")
+            if cfg.show_samples:
+                write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
+            plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
+            epoch_batches = None
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
-        evaluate_split(model, splits, "test", cfg, device, run_dir, best["step"], best["step"] / steps_per_epoch)
+        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | dict(step=best["step"],
+                                                                                      epoch=best["step"] / steps_per_epoch))
 
 
 def main(argv=None):
@@ -1014,9 +1097,13 @@ def main(argv=None):
     except (RunError, data.DataError) as e:
         sys.exit(f"{SCRIPT}: error: {e}")
     except KeyboardInterrupt as e:
-        sys.exit(f"{SCRIPT}: {e or 'interrupted'}")
+        sys.exit(f"{SCRIPT}: {str(e) or 'interrupted'}")
     except OSError as e:  # a full disk, a read-only folder: say which file
         sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except RuntimeError as e:  # the one failure of a sound run: memory (e.g. --embed 100000)
+        if "alloc" not in str(e) and "out of memory" not in str(e):
+            raise
+        sys.exit(f"{SCRIPT}: error: out of memory: {str(e).splitlines()[0][:200]}")
 
 
 if __name__ == "__main__":
