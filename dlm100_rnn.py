@@ -391,7 +391,8 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     bound = extra.pop("bound")
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
     data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data),) if on)
-    scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
+    scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
+                      if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
     log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
         f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",

@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import fcntl
 import io
+import itertools
 import json
 import math
 import os
@@ -406,9 +407,11 @@ def log_joint(ends, closing, n, cuts):
 
 # ----------------------------------------------------------------------------- model
 class Model(nn.Module):
-    def __init__(self, vocab_size: int, space: int, lexicon: torch.Tensor, cfg: Config):
+    def __init__(self, itos: list[str], lexicon: torch.Tensor, cfg: Config):
         super().__init__()
         E, D = cfg.embed, cfg.piece_embed
+        vocab_size, space = len(itos), itos.index(" ") if " " in itos else -1
+        self.itos = itos  # the characters: a segmentation is written and scored as text
         self.V, self.max_piece, self.space = vocab_size, cfg.max_piece, space
         self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.estimator == "reinforce", cfg.train_samples
         self.piece_cost, self.length_penalty, self.length_exponent = cfg.piece_cost, cfg.length_penalty, cfg.length_exponent
@@ -551,80 +554,89 @@ def check_flags(cfg):
 def build_model(vocab, train, cfg):
     """The model, with its lexicon: the --lexicon most frequent training substrings."""
     lexicon = LexicalMemory.most_frequent(train, cfg.lexicon, cfg.lex_min, cfg.lex_max or cfg.max_piece)
-    return Model(len(vocab), vocab.stoi.get(" ", -1), lexicon, cfg)
+    return Model(vocab.itos, lexicon, cfg)
 
 
 # ----------------------------------------------------------------------------- segmentation scores
-def matched_spaces(cut, gold):
-    """cut, gold (lists of bools over the characters): a cut after t, a gold space at t -> the most pairs (cut after
-    t, space s) with s = t (the cut just after the space) or s = t + 1 (just before it), each cut and each space in
-    one pair at most: "a| |b" with a double space is two hits. Greedy from the left, every cut taking the first
-    free space it may mark, is a maximum matching (the spaces a cut may mark are an interval)."""
-    taken, hits = set(), 0
-    for t, is_cut in enumerate(cut):
-        s = next((s for s in (t, t + 1) if is_cut and s < len(gold) and gold[s] and s not in taken), None)
-        if s is not None:
-            taken.add(s)
-            hits += 1
-    return hits
+# The word-discovery protocol of Goldwater, Griffiths & Johnson (2009): a segmentation is the list of words of
+# each caption *without its spaces*, scored against the true words three ways, each summed over the split:
+# boundaries inside a caption (its two edges are free, so not counted), word tokens (right when both ends are
+# true boundaries and none lies inside), and word types (the set of distinct words found against the true set).
+def words_of(symbols, cut_after, space=" "):
+    """A caption's symbols and a cut flag after each -> the words the cuts imply in the caption without its
+    spaces. Spaces belong to no word, and a cut anywhere in a run of spaces is a boundary there:
+    "a |man in" (cuts after "a ") -> [a, manin]; "a| man| in" -> [a, man, in]."""
+    words, word = [], ""
+    for symbol, cut in zip(symbols, cut_after):
+        word += symbol if symbol != space else ""
+        if cut and word:
+            words, word = words + [word], ""
+    return words + [word] if word else words
 
 
-def segmentation_counts(x, cuts, space, gold=None):
-    """x (B, L), cuts (B, L) -> counts of inner cuts (not after the last character), decisions, pieces, boundary
-    hits, gold boundaries, word hits, predicted and gold words. Gold: the removed spaces (gold, --no-spaces), or
-    the spaces of x with a character on each side: a cut just before or just after a space marks it, cuts and
-    spaces matched one to one (matched_spaces: a space with cuts on both sides is one hit and one false cut).
-    Words: the spans between boundaries in the string without spaces (a word is right when both its ends are)."""
-    n = data.num_chars(x)
-    inner = torch.arange(x.shape[1], device=x.device) < n[:, None] - 1
-    cut = cuts & inner
-    if gold is None:
-        is_space = x == space
-        gold_b = is_space & inner & F.pad(inner, (1, -1))  # spaces with a character on each side
-        hits = sum(matched_spaces(c, g) for c, g in zip(cut.tolist(), gold_b.tolist()))
-        position = (~is_space & (x != data.PAD)).long().cumsum(1)  # characters without spaces up to t
-    else:
-        gold_b = gold & inner
-        hits, position = (cut & gold_b).sum(), torch.arange(1, x.shape[1] + 1, device=x.device).expand_as(x)
-    word_hits = words = gold_words = 0
-    for p, c, g, m in zip(position.tolist(), cut.tolist(), gold_b.tolist(), position.gather(1, (n - 1).clamp(min=0)[:, None]).tolist()):
-        spans = [sorted({0, m[0]} | {p[t] for t in range(len(p)) if flags[t]}) for flags in (c, g)]
-        pred, true = [set(zip(s[:-1], s[1:])) for s in spans]
-        word_hits, words, gold_words = word_hits + len(pred & true), words + len(pred), gold_words + len(true)
-    return torch.tensor([cut.sum(), inner.sum(), cuts.sum(), n.sum(), hits, gold_b.sum(), word_hits,
-                         words, gold_words], dtype=torch.float64)
+def spans_of(words):
+    """[(start, end)] of each word in the caption without its spaces: [ab, c] -> [(0, 2), (2, 3)]."""
+    ends = list(itertools.accumulate(len(w) for w in words))
+    return list(zip([0] + ends[:-1], ends))
 
 
-def segmentation_stats(counts, prefix=""):
-    cuts, decisions, pieces, chars, hits, gold, word_hits, words, gold_words = counts.tolist()
-    p, r = hits / max(cuts, 1), hits / max(gold, 1)
-    wp, wr = word_hits / max(words, 1), word_hits / max(gold_words, 1)
-    return {prefix + k: v for k, v in dict(
-        cut_rate=cuts / max(decisions, 1), piece_len=chars / max(pieces, 1), precision=p, recall=r,
-        f1=2 * hits / max(cuts + gold, 1), word_precision=wp, word_recall=wr,
-        word_f1=2 * word_hits / max(words + gold_words, 1)).items()}
+def precision_recall_f1(name, right, found, true):
+    p, r = right / found if found else 0.0, right / true if true else 0.0
+    return {f"{name}_precision": p, f"{name}_recall": r, f"{name}_f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def segmentation_scores(found, gold, prefix=""):
+    """found, gold: the words of each caption (lists of lists of strings, the same text caption by caption) ->
+    boundary_, token_ and type_ precision, recall and F1 (a ratio over nothing is 0)."""
+    right, n_found, n_true = [0, 0], [0, 0], [0, 0]  # of boundaries, of tokens
+    for found_words, true_words in zip(found, gold):
+        found_spans, true_spans = spans_of(found_words), spans_of(true_words)
+        found_cuts, true_cuts = {end for _, end in found_spans[:-1]}, {end for _, end in true_spans[:-1]}
+        right[0], right[1] = right[0] + len(found_cuts & true_cuts), right[1] + len(set(found_spans) & set(true_spans))
+        n_found[0], n_found[1] = n_found[0] + len(found_cuts), n_found[1] + len(found_spans)
+        n_true[0], n_true[1] = n_true[0] + len(true_cuts), n_true[1] + len(true_spans)
+    found_types, true_types = {w for ws in found for w in ws}, {w for ws in gold for w in ws}
+    scores = (precision_recall_f1("boundary", right[0], n_found[0], n_true[0])
+              | precision_recall_f1("token", right[1], n_found[1], n_true[1])
+              | precision_recall_f1("type", len(found_types & true_types), len(found_types), len(true_types)))
+    return {prefix + k: v for k, v in scores.items()}
+
+
+def caption_words(model, x, cuts, gold=None):
+    """x (B, L) captions and cuts (B, L) -> (the words the cuts imply, the true words) of each caption: the
+    spaces of x, or with --no-spaces the removed spaces (gold (B, L): a space followed character t)."""
+    found, true = [], []
+    for ids, cut, n in zip(x.tolist(), cuts.tolist(), data.num_chars(x).tolist()):
+        symbols = [model.itos[i] for i in ids[:n]]
+        found.append(words_of(symbols, cut[:n]))
+        true.append(words_of(symbols, gold[len(true)][:n].tolist()) if gold is not None else "".join(symbols).split())
+    return found, true
 
 
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
 def evaluate(model, x, cfg, device, full=True, gold=None):
-    """Exact -log p(x) per caption (file order), and extras: the Viterbi segmentation scored against the words
-    (gold: the removed spaces with --no-spaces). reinforce adds -ELBO (--train-samples draws), with `full` (the
-    test) the IW bound from --iw-samples draws, KL(q || p(z|x)) and q's segmentation; spaces adds its joint.
-    Each caption's draws are its own (common.caption_noise), so no number depends on --eval-batch-size."""
+    """Exact -log p(x) per caption (file order), and extras: the Viterbi segmentation (its words, caption by
+    caption) and its scores against the true words (gold: the removed spaces with --no-spaces). reinforce adds
+    -ELBO (--train-samples draws), with `full` (the test) the IW bound from --iw-samples draws, KL(q || p(z|x))
+    and q's segmentation; spaces adds its joint. Each caption's draws are its own (common.caption_noise), so no
+    number depends on --eval-batch-size."""
     model.eval()
-    nll, extra, counts = [], {}, {"": 0, "q_": 0}
-    draws = cfg.iw_samples if full else model.train_samples
+    nll, sums, words = [], {}, {"": [], "true": [], "q_": []}
+    draws, cut_rate = (cfg.iw_samples if full else model.train_samples), torch.zeros(2)
     for start in range(0, len(x), cfg.eval_batch_size):
         batch = x[start:start + cfg.eval_batch_size].to(device)
+        g = None if gold is None else gold[start:start + len(batch)]
         log_px, (scores, ends, closing, n) = model.log_prob(batch)
         best = viterbi_segmentation(ends, n)[1]
         nll.append(-log_px.double().cpu())
-        g = None if gold is None else gold[start:start + len(batch)].to(device)
-        counts[""] = counts[""] + segmentation_counts(batch, best, model.space, g)
+        found, true = caption_words(model, batch.cpu(), best.cpu(), g)
+        words[""], words["true"] = words[""] + found, words["true"] + true
+        inner = torch.arange(batch.shape[1], device=device) < n[:, None] - 1  # a cut after the last is no choice
+        cut_rate += torch.tensor([(best & inner).sum().item(), inner.sum().item()])
         if model.spaces:
             joint = log_joint(ends, closing, n, force_cuts(batch == model.space, n, model.max_piece)[0])
-            extra["joint_nlpps"] = extra.get("joint_nlpps", 0.0) - joint.sum().item()
+            sums["joint_nlpps"] = sums.get("joint_nlpps", 0.0) - joint.sum().item()
         if model.reinforce:
             uniform = common.caption_noise(start, len(batch), lambda g: torch.rand(draws, x.shape[1], generator=g))
             log_w = []  # log p(x, z) - log q(z | x), --train-samples draws at a time: memory as in training
@@ -632,18 +644,18 @@ def evaluate(model, x, cfg, device, full=True, gold=None):
                 cuts, log_q = model.draw_cuts(batch, len(chunk), uniform=chunk)
                 log_w.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
             log_w = torch.cat(log_w)                                                  # (draws, B)
-            extra["elbo_nlpps"] = extra.get("elbo_nlpps", 0.0) - log_w[:model.train_samples].mean(0).sum().item()
+            sums["elbo_nlpps"] = sums.get("elbo_nlpps", 0.0) - log_w[:model.train_samples].mean(0).sum().item()
             if full:
-                extra["iw_nlpps"] = extra.get("iw_nlpps", 0.0) - common.logmeanexp(log_w, 0).sum().item()
-            greedy = model.draw_cuts(batch, 1, greedy=True)[0][0]
-            counts["q_"] = counts["q_"] + segmentation_counts(batch, greedy, model.space, g)
+                sums["iw_nlpps"] = sums.get("iw_nlpps", 0.0) - common.logmeanexp(log_w, 0).sum().item()
+            words["q_"] += caption_words(model, batch.cpu(), model.draw_cuts(batch, 1, greedy=True)[0][0].cpu(), g)[0]
     model.train()
     nll = torch.cat(nll)
-    extra = {"bound": "exact"} | {k: v / len(x) for k, v in extra.items()}
+    extra = {"bound": "exact"} | {k: v / len(x) for k, v in sums.items()}
     if model.reinforce:
         extra["kl_gap"] = extra["elbo_nlpps"] - nll.mean().item()
-        extra.update(segmentation_stats(counts["q_"], "q_"))
-    extra.update(segmentation_stats(counts[""]))
+        extra.update(segmentation_scores(words["q_"], words["true"], "q_"))
+    extra.update(segmentation_scores(words[""], words["true"]))
+    extra.update(cut_rate=(cut_rate[0] / cut_rate[1].clamp(min=1)).item(), words=words[""])
     return nll, extra
 
 
@@ -953,10 +965,12 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test",
                           gold=splits.get(split + "_spaces"))
     bound = extra.pop("bound")
+    (run_dir / f"segmentation_{split}.txt").write_text("".join(" ".join(w) + "\n" for w in extra.pop("words")))
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
     data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data), ("spaces removed", cfg.no_spaces))
                            if on)
-    scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float)))
+    scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
+                      if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
     log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
         f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",

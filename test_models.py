@@ -741,6 +741,7 @@ def seg_records(run_dir, kind):
 
 
 SPACE, CHARS, SLOTS, K = 3, (data.UNK, 3, 4), 5, 3
+ITOS = data.SPECIALS + [" ", "b"]  # the 5 symbols: 3 is the space
 LEXICON = [(4, 4), (3, 4), (4, 3, 4), (2, 4, 4)]
 
 
@@ -750,7 +751,7 @@ def tiny_seg(lexicon=True, **kw):
     torch.manual_seed(0)
     cfg = seg.Config(embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3, lex_key=4, **({"length_penalty": 0.0} | kw))
     lex = torch.tensor([list(e) + [data.PAD] * (3 - len(e)) for e in LEXICON] if lexicon else [], dtype=torch.long)
-    model = seg.Model(len(CHARS) + 2, SPACE, lex.view(-1, 3), cfg).double()
+    model = seg.Model(ITOS, lex.view(-1, 3), cfg).double()
     with torch.no_grad():  # sharper distributions than the initial ones, so the checks are not near-uniform
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.7)
@@ -853,31 +854,51 @@ def test_dlm107_spaces_segmenter_loss_is_the_joint_of_the_cuts_after_the_spaces(
 
 
 # ----------------------------------------------------------------------------- segmentation scores
-def counts_of(text, cut_after, no_spaces_gold=None):
+def scores_of(text, cut_after, no_spaces_gold=None):
+    """The scores of one caption cut after the given characters (and after its last), through evaluate's path."""
     vocab = data.Vocab(list("abc ."))
     x = torch.tensor([vocab.encode(text)])
     cuts = torch.zeros_like(x, dtype=torch.bool)
     cuts[0, list(cut_after) + [len(text) - 1]] = True
     gold = None if no_spaces_gold is None else torch.zeros_like(cuts).index_fill(1, torch.tensor(no_spaces_gold), True)
-    return seg.segmentation_stats(seg.segmentation_counts(x, cuts, vocab.stoi[" "], gold))
+    model = seg.Model(vocab.itos, torch.zeros(0, 2, dtype=torch.long), seg.Config(lexicon=0))
+    return seg.segmentation_scores(*seg.caption_words(model, x, cuts, gold))
 
 
-def test_dlm107_boundary_and_word_f1_on_hand_made_examples():
-    text = "ab c abc."  # words ab | c | abc. ; spaces at 2 and 4
-    s = counts_of(text, [2, 4])        # cuts after both spaces: perfect
-    assert (s["precision"], s["recall"], s["f1"], s["word_f1"]) == (1, 1, 1, 1)
-    s = counts_of(text, [1, 3])        # cuts before both spaces: perfect too
-    assert (s["f1"], s["word_f1"]) == (1, 1)
-    s = counts_of(text, [1, 2])        # both sides of the first space: one hit, one false cut; second missed
-    assert (s["precision"], s["recall"]) == (0.5, 0.5) and s["cut_rate"] == 2 / 8
-    # words: "ab" | "cabc." predicted against ab, c, abc.: one of two right, one of three found
-    assert (s["word_precision"], s["word_recall"]) == (0.5, 1 / 3)
-    s = counts_of(text, [0, 2, 6])     # a|b |c abc|.: one hit of 3 cuts, 1 of 2 spaces; no word right but none
-    assert (s["precision"], s["recall"], s["word_precision"]) == (1 / 3, 0.5, 0)
-    # --no-spaces: "abcabc." with the removed spaces after characters 1 and 2
-    s = counts_of("abcabc.", [1, 4], no_spaces_gold=[1, 2])
-    assert (s["precision"], s["recall"]) == (0.5, 0.5)
-    assert (s["word_precision"], s["word_recall"]) == (1 / 3, 1 / 3)  # ab right; abc, .  vs c, abc. wrong
+def test_dlm107_words_of_a_caption_are_cut_anywhere_in_a_run_of_spaces():
+    assert seg.words_of("a man in", [0, 1, 0, 0, 1, 0, 0, 1]) == ["a", "man", "in"]   # a |man |in
+    assert seg.words_of("a man in", [1, 0, 0, 0, 0, 1, 0, 1]) == ["a", "man", "in"]   # a| man| in
+    assert seg.words_of("a man in", [0, 1, 0, 0, 0, 0, 0, 1]) == ["a", "manin"]       # a |man in: no cut, one word
+    assert seg.words_of("a  b", [1, 1, 1, 1]) == ["a", "b"]                           # cuts around spaces: one
+    assert seg.words_of("ab", [1, 0]) == ["a", "b"] and seg.words_of("", []) == []
+
+
+def test_dlm107_boundary_token_and_type_scores_on_hand_made_examples():
+    text = "ab c abc."  # words ab | c | abc. ; inner boundaries (without spaces) at 2 and 3
+    s = scores_of(text, [2, 4])        # cuts after both spaces: perfect
+    assert all(s[f"{k}_{m}"] == 1 for k in ("boundary", "token", "type") for m in ("precision", "recall", "f1"))
+    assert scores_of(text, [1, 3]) == s  # cuts before both spaces: the same words
+    s = scores_of(text, [1, 2])        # both sides of the first space: one boundary; the second missed
+    assert (s["boundary_precision"], s["boundary_recall"]) == (1, 0.5)
+    assert (s["token_precision"], s["token_recall"]) == (0.5, 1 / 3)  # ab right; cabc. wrong
+    s = scores_of(text, [0, 2, 6])     # a|b |c abc|.: words a, b, cabc, . : boundaries 1, 2, 6 (one right)
+    assert (s["boundary_precision"], s["boundary_recall"], s["token_precision"]) == (1 / 3, 0.5, 0)
+    s = scores_of("abcabc.", [1, 4], no_spaces_gold=[1, 2])  # --no-spaces: true words ab, c, abc.
+    assert (s["boundary_precision"], s["boundary_recall"]) == (0.5, 0.5)
+    assert (s["token_precision"], s["token_recall"]) == (1 / 3, 1 / 3)  # ab right; abc and . wrong
+
+
+def test_dlm107_scores_exclude_the_edges_need_no_boundary_inside_a_token_and_count_types_once():
+    s = seg.segmentation_scores([["yuwant"]], [["yu", "want"]])  # under-segmented: edges would give P 1, R 2/3
+    assert (s["boundary_precision"], s["boundary_recall"], s["token_recall"]) == (0, 0, 0)
+    s = seg.segmentation_scores([["thedog", "ran"]], [["the", "dog", "ran"]])  # ends right, a boundary inside
+    assert (s["token_precision"], s["token_recall"], s["boundary_precision"], s["boundary_recall"]) == (0.5, 1 / 3, 1, 0.5)
+    s = seg.segmentation_scores([["dog"]], [["dog"]])  # no boundary at all: nothing divides by zero
+    assert (s["boundary_f1"], s["token_f1"], s["type_f1"]) == (0, 1, 1)
+    found, true = [["the", "dog"], ["thecat"], ["a", "dog"]], [["the", "dog"], ["the", "cat"], ["a", "dog"]]
+    s = seg.segmentation_scores(found, true)  # types {the, dog, thecat, a} against {the, dog, cat, a}
+    assert (s["type_precision"], s["type_recall"]) == (0.75, 0.75)
+    assert (s["token_precision"], s["token_recall"]) == (0.8, 4 / 6) and s["boundary_recall"] == 2 / 3
 
 
 def test_dlm107_no_spaces_data_round_trips_with_the_removed_spaces(tiny_data):
@@ -908,7 +929,9 @@ def test_dlm107_each_mode_trains_resumes_exactly_evaluates_and_samples(tiny_data
     assert test == {**seg_records(root / "split", "test")[-1], "seconds": test["seconds"],
                     "train_seconds": test["train_seconds"]}
     assert test["bound"] == "exact" and test["data"] == ("custom data, spaces removed" if mode == ["--no-spaces"] else "custom data")
-    assert all(0 <= test[k] <= 1 for k in ("f1", "word_f1", "cut_rate"))
+    assert all(0 <= test[k] <= 1 for k in ("boundary_f1", "token_f1", "type_f1", "cut_rate"))
+    lines = (root / "straight" / "segmentation_test.txt").read_text().splitlines()  # the file's lines: the input's
+    assert [l.replace(" ", "") for l in lines] == [c.replace(" ", "") for c in make_captions(30, 2) + ["<unk>ebra<unk><unk>"]]
     if mode == ["--estimator", "reinforce"]:
         assert test["elbo_nlpps"] >= test["iw_nlpps"] >= test["nlpps"] - 1e-9 and test["kl_gap"] >= 0
     if mode == ["--segmenter", "spaces"]:
@@ -982,7 +1005,7 @@ def test_dlm107_lexicon_list_trie_and_checkpoint():
         [None, [4, 3, 0], [4, 3, 4]], [None, [3, 4, 0], None], [None, None, None]]
     # a checkpoint's lexicon (and its grouping) is the one used after loading, not the constructor's
     model = tiny_seg()
-    other = seg.Model(5, SPACE, torch.tensor([[4, 4, 4], [3, 3, 0], [4, 3, 0], [3, 4, 4]]),
+    other = seg.Model(ITOS, torch.tensor([[4, 4, 4], [3, 3, 0], [4, 3, 0], [3, 4, 4]]),
                       dataclasses.replace(seg.Config(), embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3,
                                           lex_key=4)).double()
     other.load_state_dict(model.state_dict())
@@ -1076,26 +1099,6 @@ def test_dlm107_expected_length_is_the_enumerated_expectation_and_changes_the_tr
         if e is not None:
             torch.testing.assert_close(g, e)
     assert sum(g.abs().sum() for g in grads if g is not None) > 1e-3
-
-
-# ----------------------------------------------------------------------------- boundary F1, one to one
-def test_dlm107_boundary_f1_matches_each_cut_to_one_space_and_each_space_to_one_cut():
-    # "a  b" (a double space): cuts a|_|_b: the cut between the spaces marks the second one: precision 1
-    s = counts_of("a  b", [0, 1])
-    assert (s["precision"], s["recall"], s["f1"]) == (1, 1, 1)
-    s = counts_of("a  b", [0, 1, 2])       # three cuts for two spaces: one is false
-    assert (s["precision"], s["recall"]) == (2 / 3, 1)
-    s = counts_of("a  b", [1])             # a _|_b: one cut, two spaces
-    assert (s["precision"], s["recall"]) == (1, 0.5)
-    # one space: a cut on each side is one hit and one false cut (as before)
-    s = counts_of("ab c abc.", [1, 2])
-    assert (s["precision"], s["recall"]) == (0.5, 0.5)
-    s = counts_of("ab c abc.", [2, 4])     # after both spaces: perfect
-    assert (s["precision"], s["recall"], s["f1"], s["word_f1"]) == (1, 1, 1, 1)
-    s = counts_of("ab c abc.", [1, 3])     # before both spaces: perfect
-    assert (s["f1"], s["word_f1"]) == (1, 1)
-    s = counts_of("ab c abc.", [2, 3])     # after the first, before the second: a cut is given to one space only
-    assert (s["precision"], s["recall"]) == (1, 1)
 
 
 # ============================================================================= dlm123_gmmvae.py
