@@ -3,26 +3,69 @@
     python compare.py out/dlm100_rnn/default out/dlm142_diffusion/default [...] [--baseline RUN]
 
 Reads each run folder's args.json, metrics.jsonl, test_nlpps.txt (per-caption test NLPPS in file
-order) and the vocabulary in ckpt_best.pt; refuses runs whose test files do not line up. Prints
+order) and the vocabulary in ckpt_best.pt; refuses runs whose test files do not line up. The test
+captions come from the layout the runs were made on (data.py): Multi30k's test_2016_flickr.en.gz, or a
+plain-text folder's test.txt with its blank lines skipped, as the runs scored it (--data-dir names it). Prints
 one table, the captions with the largest differences both ways and the win rates of each pair (or
-of each run against --baseline), NLPPS by caption length; writes comparison.md and comparison.png
-(per-caption scatter, length buckets, all learning curves and, for runs that log them, the test bound
-by diffusion step) into --out.
+of each run against --baseline), NLPPS by caption length and what each run cost; writes comparison.md,
+comparison.png (per-caption scatter, length buckets, all learning curves and, for runs that log them, the
+test bound by diffusion step) and budget.png (test NLPPS against parameters and against training
+CPU-minutes, one line per script) into --out.
+
+What a run cost comes from its newest test record's n_params and train_seconds (wall-clock seconds of
+training steps, summed across resumes). Runs made before those were recorded: the parameter count in the
+first line of log.txt (else the checkpoint's), and no training time, so they stay out of the time panel.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import importlib
-import itertools
-import json
-import statistics
+import contextlib
+import signal
 import sys
-from pathlib import Path
+import threading
 
-import torch
 
-import data
+def interrupted():
+    """Ctrl-C: one line and the shell's status for it (128 + SIGINT), never a traceback."""
+    print("compare: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+@contextlib.contextmanager
+def ctrl_c_held_back():
+    """A Ctrl-C pressed in the block is raised when the block ends: pressed while a C++ extension loads
+    (torch, matplotlib) it could abort the interpreter instead ('terminate called ... KeyboardInterrupt')."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+try:  # importing torch takes a second or two: a Ctrl-C then is answered like one later on
+    import argparse
+    import dataclasses
+    import importlib
+    import itertools
+    import json
+    import os
+    import re
+    import statistics
+    from pathlib import Path
+
+    with ctrl_c_held_back():
+        import torch
+
+        import data
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported, e.g. by the tests: the importer decides
+        raise
+    interrupted()
 
 LENGTH_BUCKETS = [(0, 30), (30, 45), (45, 60), (60, 80), (80, 100)]
 
@@ -58,6 +101,24 @@ class Run:
         return [r for r in self.metrics if r["kind"] == "test"][-1]
 
 
+def read_nlpps(path: Path) -> torch.Tensor:
+    """test_nlpps.txt: one float per line (blank lines skipped); anything else is an error naming the line."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file") from None
+    values = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                values.append(float(line))
+            except ValueError:
+                raise UserError(f"{path} line {number} is not a number: {line.strip()[:40]!r}") from None
+    if not values:
+        raise UserError(f"{path} holds no values")
+    return torch.tensor(values)
+
+
 def load_run(path: Path) -> Run:
     path = Path(path)
     for name in ("args.json", "metrics.jsonl", "test_nlpps.txt", "ckpt_best.pt"):
@@ -73,17 +134,32 @@ def load_run(path: Path) -> Run:
     metrics = read_metrics(path)
     if not any(r["kind"] == "test" for r in metrics):
         raise UserError(f"{path}/metrics.jsonl has no test record")
-    nlpps = torch.tensor([float(v) for v in (path / "test_nlpps.txt").read_text().split()])
+    try:
+        args = json.loads((path / "args.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path / 'args.json'} is not valid JSON") from None
+    nlpps = read_nlpps(path / "test_nlpps.txt")
     params = ckpt.get("n_params") or sum(v.numel() for v in ckpt["model"].values())  # buffers are not parameters
-    return Run(path, f"{script}/{path.name}", script, json.loads((path / "args.json").read_text()), metrics,
-               nlpps, ckpt["vocab"], params)
+    return Run(path, f"{script}/{path.name}", script, args, metrics, nlpps, ckpt["vocab"], params)
+
+
+PLAIN_TEXT_NAMES = {name + gz for name in data.PLAIN_TEXT.values() for gz in ("", ".gz")}
+
+
+def layout_of(run: Run) -> str:
+    """data.py's layout the run was made on: "plain text" when the files it recorded (data_sha256) are a
+    plain-text folder's, else "multi30k" (runs made before plain text was read are all Multi30k)."""
+    return "plain text" if set(run.args.get("data_sha256") or {}) & PLAIN_TEXT_NAMES else "multi30k"
 
 
 def data_of(run: Run) -> str:
-    """'multi30k' for the published files as data.py encodes them; else what differs (custom files, no spaces)."""
+    """'multi30k' for the published files as data.py encodes them; else what differs (custom files, plain text,
+    no spaces)."""
     labels = {r.get("data", "multi30k") for r in run.metrics if r["kind"] == "test"}
     if run.args.get("custom_data"):
         labels.add("custom data")
+    if layout_of(run) == "plain text":  # custom data too, but never the same strings as Multi30k's
+        labels |= {"custom data", "plain text"}
     if run.args.get("spaces") is False:  # dlm107 --no-spaces
         labels.add("spaces removed")
     return ", ".join(sorted(labels - {"multi30k"})) or "multi30k"
@@ -103,6 +179,32 @@ def check_comparable(runs: list[Run]) -> None:
         if len(run.nlpps) != len(first.nlpps):
             raise UserError(f"{run.name} has {len(run.nlpps)} test values, {first.name} {len(first.nlpps)}: "
                             "the files do not line up")
+
+
+def read_test_captions(runs: list[Run], data_dir: str | None) -> list[str]:
+    """The test lines the runs scored, in file order, read as data.load() reads them: Multi30k's test file (found
+    as data.find_file finds it), or the plain-text folder's test file (data.find_splits) without its blank lines.
+    A plain-text folder must be named (--data-dir or $DLM_DATA_DIR: the cache holds only Multi30k), and a test
+    file whose SHA-256 differs from the one the runs recorded is refused."""
+    run = runs[0]  # check_comparable: the same data for all
+    if layout_of(run) == "multi30k":
+        path = data.find_file(data.FILES["test"], data_dir)
+    else:
+        if not (data_dir or os.environ.get(data.ENV_VAR)):
+            recorded = f" (they recorded --data-dir {run.args['data_dir']})" if run.args.get("data_dir") else ""
+            raise UserError(f"{run.name} was made on a plain-text folder{recorded}: pass --data-dir with that folder")
+        layout, paths = data.find_splits(data_dir)
+        if layout != "plain text":
+            raise UserError(f"{run.name} was made on a plain-text folder, but {paths['test'].parent} is read as "
+                            "Multi30k: pass --data-dir with the runs' plain-text folder")
+        path = paths["test"]
+    recorded = (run.args.get("data_sha256") or {}).get(path.name)
+    if recorded is not None and data._sha256(path) != recorded:
+        raise UserError(f"{path} is not the test file {run.name} scored (SHA-256 differs): not comparable")
+    captions = data.read_captions(path)
+    if layout_of(run) == "plain text":
+        captions = [line for line in captions if line.strip()]  # data.load()'s rule for plain text
+    return captions
 
 
 # A script's RUN_FLAGS say how a run ran, not what it is; these few change its number.
@@ -159,11 +261,114 @@ def length_report(runs: list[Run], lengths: torch.Tensor) -> list[str]:
     return lines
 
 
-def plot(runs: list[Run], pairs, lengths: torch.Tensor, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# ----------------------------------------------------------------------------- what each run cost
+@dataclasses.dataclass
+class Cost:
+    """A run's test NLPPS beside what it cost: parameters and training time."""
+    run: Run
+    params: int
+    minutes: float | None  # training CPU-minutes (one thread); None: made before runs recorded train_seconds
 
+    @property
+    def nlpps(self) -> float:
+        return self.run.test["nlpps"]
+
+
+# log.txt's first line: `dlm100_rnn | new run | 20 epochs | 212,896 parameters | ...`
+LOG_PARAMS = re.compile(r"\| ([\d,]+) parameters \|")
+
+
+def newest_test_field(run: Run, field: str):
+    """The field of the newest test record that has it (an older script's --eval-only record may lack it)."""
+    for record in reversed(run.metrics):
+        if record["kind"] == "test" and record.get(field) is not None:
+            return record[field]
+    return None
+
+
+def params_from_log(path: Path) -> int | None:
+    """The parameter count in the first line of log.txt, for runs made before n_params was recorded."""
+    try:
+        with open(path / "log.txt", encoding="utf-8") as f:
+            match = LOG_PARAMS.search(f.readline())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def costs_of(runs: list[Run]) -> list[Cost]:
+    """What each run cost, by script and then by parameter count (the order of the table and the lines)."""
+    result = []
+    for run in runs:
+        params = newest_test_field(run, "n_params") or params_from_log(run.path) or run.params
+        seconds = newest_test_field(run, "train_seconds")
+        result.append(Cost(run, int(params), None if seconds is None else float(seconds) / 60))
+    return sorted(result, key=lambda s: (s.run.script, s.params, s.run.name))
+
+
+def budget_table(costs: list[Cost]) -> list[str]:
+    lines = ["| run | script | parameters | CPU-minutes | test NLPPS |", "|---|---|---|---|---|"]
+    for s in costs:
+        minutes = "–" if s.minutes is None else f"{s.minutes:.1f}"
+        lines.append(f"| {s.run.path.name} | {s.run.script} | {s.params:,} | {minutes} | {s.nlpps:.2f} |")
+    untimed = [s.run.name for s in costs if s.minutes is None]
+    if untimed:
+        lines += ["", f"Left out of the time panel (no train_seconds in a test record): {', '.join(untimed)}"]
+    return lines
+
+
+# One colour and marker per script, the same whatever runs are given; other scripts take the rest in turn.
+SCRIPT_STYLES = {"dlm100_rnn": ("tab:blue", "o"), "dlm107_vae_seg": ("tab:orange", "s"),
+                 "dlm123_gmmvae": ("tab:green", "^"), "dlm142_diffusion": ("tab:red", "D")}
+OTHER_STYLES = [("tab:purple", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:olive", "*")]
+
+
+def plot_budget(costs: list[Cost], out: Path) -> None:
+    """budget.png: test NLPPS against parameters (log x) and against training CPU-minutes; a line a script."""
+    plt = pyplot()
+    fig, (ax_p, ax_t) = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    others = itertools.cycle(OTHER_STYLES)
+    for script in sorted({s.run.script for s in costs}):
+        colour, marker = SCRIPT_STYLES.get(script) or next(others)
+        mine = [s for s in costs if s.run.script == script]
+        timed = [s for s in mine if s.minutes is not None]
+        for ax, points in ((ax_p, [(s.params, s.nlpps, s.run.path.name) for s in mine]),
+                           (ax_t, [(s.minutes, s.nlpps, s.run.path.name) for s in timed])):
+            if not points:
+                continue
+            points.sort()  # joined in order of x
+            xs, ys, names = zip(*points)
+            ax.plot(xs, ys, "-", marker=marker, color=colour, lw=1, markersize=5, label=script)
+            for x, y, name in points:
+                ax.annotate(name, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, alpha=0.6)
+    ax_p.set(xscale="log", xlabel="parameters", ylabel="test NLPPS (nats per caption)",
+             title="test NLPPS against model size")
+    ax_t.set(xlabel="training CPU-minutes (one thread, training steps only)",
+             title="test NLPPS against training time")
+    if all(s.minutes is None for s in costs):
+        ax_t.text(0.5, 0.5, "no run records train_seconds yet", ha="center", va="center",
+                  transform=ax_t.transAxes)
+    for ax in (ax_p, ax_t):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "budget.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the report
+def pyplot():
+    """matplotlib.pyplot drawing into files (no window), loaded on first use with a Ctrl-C held back."""
+    with ctrl_c_held_back():
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    return matplotlib.pyplot
+
+
+def plot(runs: list[Run], pairs, lengths: torch.Tensor, out: Path) -> None:
+    plt = pyplot()
     steps = [(run, run.test["per_step"]) for run in runs if run.test.get("per_step")]
     fig, axes = plt.subplots(1, 3 + bool(steps), figsize=(16 + 5 * bool(steps), 4.5))
     ax_s, ax_l, ax_c = axes[:3]
@@ -202,8 +407,11 @@ def compare(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders, e.g. out/dlm100_rnn/default")
     parser.add_argument("--baseline", default="", help="compare every run against this one instead of all pairs")
-    parser.add_argument("--out", default="out/compare", help="folder for comparison.md and comparison.png")
-    parser.add_argument("--data-dir", default="", help="folder with the Multi30k files (else $DLM_DATA_DIR / cache)")
+    parser.add_argument("--out", default="out/compare",
+                        help="folder for comparison.md, comparison.png and budget.png")
+    parser.add_argument("--data-dir", default="",
+                        help="the runs' data folder: Multi30k files or plain text (else $DLM_DATA_DIR; Multi30k: "
+                             "else the cache)")
     parser.add_argument("--top", type=int, default=5, help="captions listed each way per pair")
     args = parser.parse_args(argv)
     paths = list(dict.fromkeys([args.baseline] * bool(args.baseline) + args.runs))
@@ -211,24 +419,27 @@ def compare(argv=None) -> str:
         raise UserError("give at least two run folders")
     runs = [load_run(p) for p in paths]
     check_comparable(runs)
-    captions = data.read_captions(data.find_file(data.FILES["test"], args.data_dir or None))
+    captions = read_test_captions(runs, args.data_dir or None)
     if len(captions) != len(runs[0].nlpps):
         raise UserError(f"the test file has {len(captions)} captions but the runs have {len(runs[0].nlpps)} values")
     lengths = torch.tensor([min(len(c), data.SLOTS - 1) for c in captions])
     pairs = [(runs[0], r) for r in runs[1:]] if args.baseline else list(itertools.combinations(runs, 2))
+    costs = costs_of(runs)
     lines = ["## Test NLPPS (nats per caption; lower is better)", ""] + table(runs) + [""]
+    lines += ["## What each run cost", ""] + budget_table(costs) + [""]
     for a, b in pairs:
         lines += pair_report(a, b, captions, args.top)
     lines += ["## Mean test NLPPS by caption length", ""] + length_report(runs, lengths)
+    text = "\n".join(lines) + "\n"
     out = Path(args.out)
-    try:
+    try:  # a file in the way, a read-only folder, a full disk: one line naming --out
         out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(text)
+        plot(runs, pairs, lengths, out)
+        plot_budget(costs, out)
     except OSError as e:
         raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    text = "\n".join(lines) + "\n"
-    (out / "comparison.md").write_text(text)
-    plot(runs, pairs, lengths, out)
-    print(text + f"\nwrote {out / 'comparison.md'} and {out / 'comparison.png'}")
+    print(text + f"\nwrote {out / 'comparison.md'}, {out / 'comparison.png'} and {out / 'budget.png'}")
     return text
 
 
@@ -237,6 +448,8 @@ def main(argv=None):
         compare(argv)
     except (UserError, data.DataError) as e:
         sys.exit(f"compare: error: {e}")
+    except KeyboardInterrupt:
+        interrupted()
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ class Config:
     max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
     eval_batch_size: int = flag(100, "captions per evaluation batch", low=1)
     iw_samples: int = flag(100, "reinforce: samples per caption of the test IW bound (an evaluation setting)", low=1)
+    segment: str = flag("", "segment the lines of this text file with the run's best model (--run-name), print the "
+                        "words found, one line each, then stop")
+    segment_out: str = flag("", "with --segment: write the words found to this file instead of printing them")
 
 
     @property
@@ -547,6 +550,10 @@ def check_flags(cfg):
                        f"{cfg.max_piece}")
     if cfg.segmenter == "spaces" and (cfg.estimator == "reinforce" or cfg.no_spaces):
         raise RunError("--segmenter spaces cuts after the spaces: not with --estimator reinforce or --no-spaces")
+    if cfg.segment_out and not cfg.segment:
+        raise RunError("--segment-out names the output of --segment FILE")
+    if cfg.segment and (cfg.resume or cfg.eval_only or cfg.sample_only or cfg.overwrite):
+        raise RunError("--segment reads a trained run: not with --resume, --eval-only, --sample-only or --overwrite")
     if cfg.dtype == "bfloat16":  # the chart writes float32 sums into its tables
         raise RunError("--dtype bfloat16 is not supported by dlm107 (its chart keeps float32 tables)")
 
@@ -743,6 +750,39 @@ def plot_segments(vocab, shown, cut_probs, best, folder):
     fig.tight_layout()
     fig.savefig(folder / "segments.png", dpi=100)
     plt.close(fig)
+
+
+@torch.no_grad()
+def segment_file(cfg, path, out=None):
+    """--segment: the words that the best checkpoint of the run --run-name finds in each line of a text file
+    (Viterbi; spaces removed first if the run was trained --no-spaces), one line each, printed or written to
+    `out`. Characters the run never saw in training are named in one line before the words."""
+    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
+    ckpt = load_checkpoint(run_dir / "ckpt_best.pt")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["args"].items() if k not in RUN_FLAGS})
+    vocab = data.Vocab(ckpt["vocab"][len(data.SPECIALS):])
+    model = Model(vocab.itos, ckpt["model"].get("memory.lexicon", torch.zeros(0, 1, dtype=torch.long)), cfg)
+    model.load_state_dict(ckpt["model"])
+    try:
+        lines = [line.rstrip("\n") for line in open(path, encoding="utf-8")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"cannot read --segment {path}: {getattr(e, 'strerror', None) or e}") from None
+    lines = [line.replace(" ", "") if cfg.no_spaces else line for line in lines]
+    unseen = sorted({c for line in lines for c in line} - set(vocab.itos))
+    long = sum(len(line) > data.SLOTS - 1 for line in lines)
+    if unseen or long:
+        print(f"note: {len(unseen)} characters unseen in training, read as <unk>: "
+              f"{', '.join(map(repr, unseen[:20]))}; {long} lines cut at {data.SLOTS - 1} characters", file=sys.stderr)
+    x = torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long).view(-1, data.SLOTS)
+    words = []
+    for batch in data.batches(x, cfg.eval_batch_size):
+        _, (_, ends, _, n) = model.log_prob(batch)
+        words += caption_words(model, batch, viterbi_segmentation(ends, n)[1])[0]
+    text = "".join(" ".join(w) + "\n" for w in words)
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
 
 
 # ============================================================================= the run
@@ -1006,6 +1046,8 @@ def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, pro
 def run(argv=None):
     cfg, ckpt, run_dir = open_run(argv)
     check_flags(cfg)
+    if cfg.segment:
+        return segment_file(cfg, cfg.segment, cfg.segment_out)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)

@@ -8,9 +8,11 @@ Most runs call a script's main() in this process (what a user types, minus the i
 the interrupt and lock tests use real subprocesses and signals. A new script is registered in TINY only.
 """
 import ast
+import builtins
 import contextlib
 import dataclasses
 import difflib
+import errno
 import gzip
 import importlib
 import io
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -224,6 +227,140 @@ def test_local_files_are_checked_against_the_published_checksums(tiny_data):
     no_spaces_vocab, no_spaces, _, _ = data.load(str(tiny_data), custom=True, no_spaces=True)
     assert " " in vocab.stoi and " " not in no_spaces_vocab.stoi
     assert no_spaces_vocab.decode(no_spaces["train"][0]) == vocab.decode(splits["train"][0]).replace(" ", "")
+
+
+# ----------------------------------------------------------------------------- data.py: a plain-text corpus
+def write_text_split(folder, name, lines):
+    """gzipped if the name ends in .gz, else plain UTF-8; one line each."""
+    text = "".join(line + "\n" for line in lines)
+    if name.endswith(".gz"):
+        with gzip.open(folder / name, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+def plain_text_folder(folder, train, valid, test, gz=False):
+    for name, lines in (("train.txt", train), ("valid.txt", valid), ("test.txt", test)):
+        write_text_split(folder, name + ".gz" * gz, lines)
+    return folder
+
+
+UNSEEN = "val/test characters unseen in train (<unk>)"
+TRAIN = ["the cat sat", "", "a dog ran", "   ", "cats and dogs"]  # two blank lines: not sequences
+VALID = ["a cat", ""]
+TEST = ["the dog", "a rat"]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_plain_text_layout_loads_skips_blank_lines_and_is_custom(tmp_path, gz):
+    plain_text_folder(tmp_path, TRAIN, VALID, TEST, gz)
+    vocab, splits, sha256, info = data.load(str(tmp_path))
+    assert {split: len(x) for split, x in splits.items()} == {"train": 3, "val": 1, "test": 2}
+    assert [vocab.decode(x) for x in splits["train"]] == ["the cat sat", "a dog ran", "cats and dogs"]
+    assert vocab.itos[3:] == sorted(set("the cat sat a dog ran cats and dogs"))
+    assert vocab.decode(splits["test"][1]) == "a rat"
+    names = [n + ".gz" * gz for n in ("train.txt", "valid.txt", "test.txt")]
+    assert sha256 == {name: data._sha256(tmp_path / name) for name in names}
+    assert info["layout"] == "plain text" and info["custom"] is True
+    assert info["summary"].startswith(f"data: plain text in {tmp_path} | train 3 / val 1 / test 2 lines | ")
+
+
+def test_plain_text_vocabulary_comes_from_train_only(tmp_path):
+    plain_text_folder(tmp_path, ["ab ab"], ["abx"], ["yab"])
+    vocab, splits, _, _ = data.load(str(tmp_path))
+    assert vocab.itos == data.SPECIALS + [" ", "a", "b"]
+    assert vocab.decode(splits["val"][0]) == "ab<unk>" and vocab.decode(splits["test"][0]) == "<unk>ab"
+
+
+def test_summary_counts_cut_lines_and_names_unseen_characters(tmp_path):
+    plain_text_folder(tmp_path, ["x" * 120, "abc", "a b"], ["Qa", "x" * 99, "a" * 100], ["Z!", "Zb"])
+    vocab, splits, _, info = data.load(str(tmp_path))
+    assert vocab.decode(splits["train"][0]) == "x" * 99  # cut at 99 characters, one PAD after
+    assert info["summary"] == (f"data: plain text in {tmp_path} | train 3 / val 3 / test 2 lines | "
+                               f"2 lines cut at 99 characters | 3 {UNSEEN}: '!', 'Q', 'Z'")
+
+
+def test_summary_names_at_most_ten_unseen_characters(tmp_path):
+    plain_text_folder(tmp_path, ["a"], ["ABCDEF"], ["GHIJKL"])
+    summary = data.load(str(tmp_path))[3]["summary"]
+    named = ", ".join(map(repr, "ABCDEFGHIJ")) + ", ..."
+    assert summary.endswith(f"| 0 lines cut at 99 characters | 12 {UNSEEN}: {named}")
+
+
+def test_summary_for_no_unseen_characters_and_no_spaces(tmp_path):
+    plain_text_folder(tmp_path, ["a b", "ab c"], ["b a"], ["c"])
+    vocab, splits, _, info = data.load(str(tmp_path), no_spaces=True)
+    assert " " not in vocab.stoi and splits["train_spaces"][1, :2].tolist() == [False, True]
+    assert info["summary"] == (f"data: plain text in {tmp_path}, spaces removed | train 2 / val 1 / test 1 "
+                               f"lines | 0 lines cut at 99 characters | 0 {UNSEEN}")
+
+
+def test_plain_text_txt_wins_over_txt_gz_and_the_two_can_mix(tmp_path):
+    plain_text_folder(tmp_path, ["plain"], ["plain"], ["plain"])
+    write_text_split(tmp_path, "train.txt.gz", ["gzipped"])
+    write_text_split(tmp_path, "valid.txt.gz", ["gzipped"])
+    (tmp_path / "valid.txt").unlink()
+    vocab, splits, sha256, _ = data.load(str(tmp_path))
+    assert sorted(sha256) == ["test.txt", "train.txt", "valid.txt.gz"]
+    assert vocab.decode(splits["train"][0]) == "plain"
+
+
+def test_a_plain_text_file_of_blank_lines_is_an_error(tmp_path):
+    plain_text_folder(tmp_path, ["a"], ["", "  "], ["a"])
+    with pytest.raises(data.DataError, match="valid.txt holds no sequences"):
+        data.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("present", [[], ["train.txt", "valid.txt"],
+                                     ["train.en.gz", "val.en.gz", "test.txt"]])
+def test_a_folder_with_neither_full_layout_names_both(tmp_path, present):
+    for name in present:
+        write_text_split(tmp_path, name, ["a"])
+    with pytest.raises(data.DataError) as e:
+        data.load(str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path) in message and "--data-dir" in message
+    for name in [*data.FILES.values(), "train.txt", "valid.txt", "test.txt"]:
+        assert name in message
+
+
+def test_env_var_folder_is_read_like_data_dir(tmp_path, monkeypatch):
+    plain_text_folder(tmp_path, ["ab"], ["a"], ["b"])
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    assert data.load()[3]["layout"] == "plain text"
+    (tmp_path / "test.txt").unlink()
+    with pytest.raises(data.DataError, match=re.escape(f"not found in {tmp_path} (from {data.ENV_VAR})")):
+        data.load()
+
+
+def multi30k_folder(folder, lines=("A dog.", "", "A cat runs.")):
+    for name in data.FILES.values():
+        write_text_split(folder, name, list(lines))
+    return folder
+
+
+def test_multi30k_with_wrong_checksums_is_refused_even_beside_plain_text(tmp_path):
+    multi30k_folder(tmp_path)
+    plain_text_folder(tmp_path, ["ab"], ["a"], ["b"])  # Multi30k is complete, so it is the one read
+    refused = r"train.en.gz is not the published train.en.gz \(SHA-256.*--custom-data"
+    with pytest.raises(data.DataError, match=refused):
+        data.load(str(tmp_path))
+    vocab, splits, sha256, info = data.load(str(tmp_path), custom=True)
+    assert sorted(sha256) == sorted(data.FILES.values())
+    assert info["layout"] == "multi30k" and info["custom"] is True
+    assert len(splits["train"]) == 3 and vocab.decode(splits["train"][1]) == ""  # blank line kept, as ever
+    assert info["summary"].startswith(f"data: Multi30k (custom data) in {tmp_path} | train 3 / val 3 /")
+
+
+@pytest.mark.skipif(not (REAL_DATA / "train.en.gz").exists(), reason="no local copy of Multi30k")
+def test_real_multi30k_info_and_summary():
+    vocab, splits, sha256, info = data.load(str(REAL_DATA))
+    assert sha256 == data.SHA256 and info["layout"] == "multi30k" and info["custom"] is False
+    cut = sum(len(line) > 99 for name in data.FILES.values() for line in data.read_captions(REAL_DATA / name))
+    assert cut == 1443
+    assert info["summary"] == (f"data: Multi30k in {REAL_DATA} | train 29,000 / val 1,014 / test 1,000 "
+                               f"lines | 1,443 lines cut at 99 characters | 0 {UNSEEN}")
 
 
 # ============================================================================= common.py
@@ -947,6 +1084,24 @@ def test_dlm107_each_mode_trains_resumes_exactly_evaluates_and_samples(tiny_data
     assert shown == ([c.replace(" ", "") for c in expected] if mode == ["--no-spaces"] else expected)
 
 
+def test_dlm107_segment_prints_the_words_of_each_line_of_a_file_and_names_unseen_characters(finished, tmp_path):
+    out_dir, _ = copy_run(finished["dlm107_vae_seg"], tmp_path)
+    lines = make_captions(5, 7) + ["Quiet zebra!", ""]  # Q, z and ! never occur in the training captions
+    (tmp_path / "in.txt").write_text("".join(line + "\n" for line in lines))
+    code, out, err = call("dlm107_vae_seg", ["--segment", str(tmp_path / "in.txt"), "--out-dir", str(out_dir)])
+    assert code == 0 and "3 characters unseen in training" in err and "'Q'" in err and "'!'" in err
+    words = out.splitlines()
+    assert len(words) == len(lines)  # one line each, in order: an empty line stays an empty line
+    assert [w.replace(" ", "") for w in words] == [line.replace(" ", "").replace("Q", "<unk>").replace("z", "<unk>")
+                                                   .replace("!", "<unk>") for line in lines]
+    call_ok("dlm107_vae_seg", ["--segment", str(tmp_path / "in.txt"), "--segment-out", str(tmp_path / "w.txt"),
+                               "--out-dir", str(out_dir)])
+    assert (tmp_path / "w.txt").read_text() == out
+    assert_one_line_error(*call("dlm107_vae_seg", ["--segment", str(tmp_path / "none.txt"),
+                                                   "--out-dir", str(out_dir)])[::2], "cannot read --segment")
+    assert_one_line_error(*call("dlm107_vae_seg", ["--segment-out", "x.txt"])[::2], "--segment FILE")
+
+
 def test_dlm107_bad_flag_combinations_are_one_line_errors(tiny_data, tmp_path):
     base = SEG_TINY + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert_one_line_error(*call("dlm107_vae_seg", base + ["--lex-max", "7"])[::2], "--max-piece")
@@ -1570,3 +1725,265 @@ def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_ou
     blocker.write_text("")
     with pytest.raises(compare.UserError, match="cannot write to --out"):
         compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(blocker)])
+
+
+# ----------------------------------------------------------------------------- compare.py: budgets and run control
+N = 6  # test captions of the budget runs
+OLD_LOG = ("{script} | new run | 20 epochs | 212,896 parameters | 29,000 training captions | cpu | "
+           "290 steps/epoch | run folder out/{script}/{name}\nstep 1 | epoch 0.00 | train nlpps 440.04\n")
+
+
+@pytest.fixture
+def test_dir(tmp_path):
+    """A data folder holding only the test file, N captions."""
+    folder = tmp_path / "multi30k"
+    folder.mkdir()
+    with gzip.open(folder / data.FILES["test"], "wt", encoding="utf-8") as f:
+        f.write("".join(f"A dog runs {i} times.\n" for i in range(N)))
+    return folder
+
+
+def budget_run(root, script, name, nlpps, tests=({},), log=None, lines=None):
+    """A finished run folder: every test caption scored nlpps; a test record per dict in tests (its extra
+    fields, e.g. n_params and train_seconds); log.txt if given; test_nlpps.txt's lines if given."""
+    run_dir = root / "out" / script / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text(json.dumps({"epochs": 20, "run_name": name}))
+    records = [dict(kind="train", step=1, epoch=0.5, nlpps=99.0, seq_per_s=100.0),
+               dict(kind="val", step=2, epoch=1.0, nlpps=90.0, bpc=1.0, bound="exact")]
+    test = dict(kind="test", step=2, epoch=20, nlpps=nlpps, bpc=1.0, bound="exact", data="multi30k")
+    records += [{**test, **extra} for extra in tests]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in lines or [nlpps] * N))
+    torch.save(dict(script=script, model={"w": torch.zeros(7)}, n_params=7, vocab=["<pad>", "a"]),
+               run_dir / "ckpt_best.pt")
+    if log is not None:
+        (run_dir / "log.txt").write_text(log.format(script=script, name=name))
+    return str(run_dir)
+
+
+def budget_runs(root):
+    """Five runs of four scripts: with the new fields, an older run with log.txt only, one with neither."""
+    return [
+        budget_run(root, "dlm100_rnn", "big", 30.0,  # an --eval-only record after training lacks the fields
+                 tests=[dict(n_params=200_000, train_seconds=1200.0), {}]),
+        budget_run(root, "dlm100_rnn", "small", 40.0, tests=[dict(n_params=1000, train_seconds=1500.0)]),
+        budget_run(root, "dlm142_diffusion", "d", 35.0, tests=[dict(n_params=50_000, train_seconds=3000.0)]),
+        budget_run(root, "dlm107_vae_seg", "old", 45.0, log=OLD_LOG),
+        budget_run(root, "dlm123_gmmvae", "bare", 50.0),  # no log.txt either: the checkpoint's count
+    ]
+
+
+def test_budget_table_figure_and_the_runs_left_out_of_the_time_panel(test_dir, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    text = compare.compare(budget_runs(tmp_path) + ["--data-dir", str(test_dir), "--out", str(out)])
+    rows = ["| run | script | parameters | CPU-minutes | test NLPPS |",
+            "| small | dlm100_rnn | 1,000 | 25.0 | 40.00 |",
+            "| big | dlm100_rnn | 200,000 | 20.0 | 30.00 |",
+            "| old | dlm107_vae_seg | 212,896 | – | 45.00 |",
+            "| bare | dlm123_gmmvae | 7 | – | 50.00 |",
+            "| d | dlm142_diffusion | 50,000 | 50.0 | 35.00 |",
+            "Left out of the time panel (no train_seconds in a test record): "
+            "dlm107_vae_seg/old, dlm123_gmmvae/bare"]
+    lines = text.splitlines()
+    assert all(row in lines for row in rows), text
+    assert [lines.index(row) for row in rows] == sorted(lines.index(row) for row in rows)  # in this order
+    assert (out / "comparison.md").read_text() == text
+    import matplotlib.image
+    assert matplotlib.image.imread(out / "budget.png").shape[:2] == (450, 1300)
+
+    # What the figure shows: a line per script, joined in order of x; untimed runs only in the size panel.
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    compare.plot_budget(compare.costs_of([compare.load_run(p) for p in budget_runs(tmp_path / "again")]), out)
+    (ax_p, ax_t), = [fig.axes for fig in figures]
+    by_size = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax_p.lines}
+    by_time = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax_t.lines}
+    assert by_size == {"dlm100_rnn": ([1000, 200_000], [40.0, 30.0]), "dlm107_vae_seg": ([212_896], [45.0]),
+                       "dlm123_gmmvae": ([7], [50.0]), "dlm142_diffusion": ([50_000], [35.0])}
+    assert by_time == {"dlm100_rnn": ([20.0, 25.0], [30.0, 40.0]), "dlm142_diffusion": ([50.0], [35.0])}
+    assert ax_p.get_xscale() == "log"
+    assert sorted(t.get_text() for t in ax_t.texts) == ["big", "d", "small"]  # each point named lightly
+    plt.close("all")
+
+
+def test_parameters_from_the_test_record_else_the_first_line_of_log_txt(tmp_path):
+    folder = Path(budget_run(tmp_path, "dlm100_rnn", "old", 40.0, log=OLD_LOG))
+    assert compare.params_from_log(folder) == 212_896
+    (folder / "log.txt").write_text("dlm100_rnn | resumed at step 9 | 8 epochs | 1,226,912 parameters |\n")
+    assert compare.params_from_log(folder) == 1_226_912
+    (folder / "log.txt").write_text("step 1 | epoch 0.00 | train nlpps 440.04\n212,896 parameters |\n")
+    assert compare.params_from_log(folder) is None  # only the first line, and only that field
+    (folder / "log.txt").unlink()
+    assert compare.params_from_log(folder) is None
+
+    new = budget_run(tmp_path, "dlm100_rnn", "new", 40.0, log=OLD_LOG,
+                   tests=[dict(n_params=5, train_seconds=6.0)])
+    (cost,) = compare.costs_of([compare.load_run(new)])
+    assert (cost.params, cost.minutes) == (5, 0.1)  # the record wins over the log
+
+
+def test_a_garbage_line_in_test_nlpps_is_one_line_naming_file_and_line(test_dir, tmp_path):
+    good = budget_run(tmp_path, "dlm100_rnn", "good", 10.0)
+    bad = budget_run(tmp_path, "dlm100_rnn", "bad", 10.0, lines=["10.0", "", "11.5", "1O.0", "12"])
+    with pytest.raises(compare.UserError, match=r"bad/test_nlpps.txt line 4 is not a number: '1O.0'"):
+        compare.compare([good, bad, "--data-dir", str(test_dir), "--out", str(tmp_path / "cmp")])
+    proc = subprocess.run([sys.executable, str(HERE / "compare.py"), good, bad, "--data-dir", str(test_dir),
+                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True, cwd=HERE)
+    assert_one_line_error(proc.returncode, proc.stderr, f"{bad}/test_nlpps.txt line 4")
+
+
+def make_read_only(folder, monkeypatch):
+    """chmod a-w. Root ignores that, so for root the refusal the kernel gives anyone else is imitated at
+    open() and mkdir() for paths under the folder."""
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+
+    def under(path):
+        return isinstance(path, (str, os.PathLike)) and folder.resolve() in Path(path).resolve().parents
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if under(file) and set(mode) & set("wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if under(path):
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)  # what pathlib's write_text calls
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["out-is-read-only", "out-in-read-only-folder"])
+def test_out_in_a_read_only_folder_is_one_line_naming_it(test_dir, tmp_path, monkeypatch, inside):
+    runs = [budget_run(tmp_path, "dlm100_rnn", name, v) for name, v in (("a", 10.0), ("b", 11.0))]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = locked / "cmp" if inside else locked
+    make_read_only(locked, monkeypatch)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(runs + ["--data-dir", str(test_dir), "--out", str(out)])
+    finally:
+        locked.chmod(0o755)
+    assert_one_line_error(1, exit_.value.code, f"compare: error: cannot write to --out {out}: Permission")
+    assert list(locked.iterdir()) == []
+
+
+def test_ctrl_c_while_comparing_is_one_line(test_dir, tmp_path, monkeypatch, capsys):
+    runs = [budget_run(tmp_path, "dlm100_rnn", name, v) for name, v in (("a", 10.0), ("b", 11.0))]
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "plot_budget", interrupt)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(runs + ["--data-dir", str(test_dir), "--out", str(tmp_path / "cmp")])
+    except KeyboardInterrupt:  # left uncaught it would stop pytest itself
+        pytest.fail("Ctrl-C went through compare.main")
+    assert exit_.value.code == 130 and capsys.readouterr().err == "compare: interrupted\n"
+
+
+# compare.py run as a script whose `import torch` is slowed down (and says so): the test presses Ctrl-C there.
+STALLED_IMPORT = """
+import importlib.abc, runpy, sys, time
+class Stall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("importing torch", file=sys.stderr, flush=True)
+            time.sleep(1)
+sys.meta_path.insert(0, Stall())
+sys.argv[0] = "compare.py"
+runpy.run_path("compare.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_IMPORT, "a", "b"], cwd=HERE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline() == "importing torch\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "compare: interrupted\n")
+
+
+# ----------------------------------------------------------------------------- runs made on a plain-text folder
+PLAIN_TEST = ["a cat sits on a mat.", "", "two dogs run.", "   ", "a bird sings in a tree.", "", "the end.",
+              "one more line here.", "last."]  # N = 6 sequences once the blank lines are skipped
+
+
+@pytest.fixture
+def plain_dir(tmp_path):
+    """A plain-text data folder (test split gzipped) whose test file holds blank lines."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("a cat sits.\n\ntwo dogs run.\n", encoding="utf-8")
+    (folder / "valid.txt").write_text("a dog.\n", encoding="utf-8")
+    with gzip.open(folder / "test.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in PLAIN_TEST))
+    return folder
+
+
+def plain_text_run(root, name, folder, lines):
+    """fake_run, then args.json and the test record as a script writes them for a plain-text folder."""
+    run_dir = Path(budget_run(root, "dlm100_rnn", name, sum(lines) / len(lines), lines=lines))
+    _, _, sha256, info = data.load(str(folder))
+    assert info["layout"] == "plain text"
+    (run_dir / "args.json").write_text(json.dumps({"epochs": 20, "run_name": name, "data_dir": str(folder),
+                                                   "custom_data": True, "data_sha256": sha256}))
+    records = compare.read_metrics(run_dir)
+    for r in records:
+        if r["kind"] == "test":
+            r["data"] = "custom data"
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(run_dir)
+
+
+def test_runs_on_a_plain_text_folder_compare_on_its_non_blank_test_lines(plain_dir, test_dir, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    scored = [line for line in PLAIN_TEST if line.strip()]
+    assert len(scored) == N
+    a = plain_text_run(tmp_path, "a", plain_dir, [5.0, 1.0, 5.0, 5.0, 5.0, 9.0])  # a best on "two dogs run."
+    b = plain_text_run(tmp_path, "b", plain_dir, [5.0] * N)                     # b best on "last."
+    assert compare.layout_of(compare.load_run(a)) == "plain text"
+    out = tmp_path / "cmp"
+    text = compare.compare([a, b, "--data-dir", str(plain_dir), "--out", str(out), "--top", "1"])
+    assert "- 1.0 / 5.0  `two dogs run.`" in text and "- 5.0 / 9.0  `last.`" in text, text
+    assert "| 0–29 | 6 | 5.0 | 5.0 |" in text  # every scored line counted once, none of the blank ones
+    monkeypatch.setenv(data.ENV_VAR, str(plain_dir))  # the folder from the environment does as well
+    assert compare.compare([a, b, "--out", str(out), "--top", "1"]) == text
+
+    # No folder named: a line saying which to pass (never Multi30k from the cache).
+    monkeypatch.delenv(data.ENV_VAR)
+    with pytest.raises(compare.UserError, match=f"plain-text folder \\(they recorded --data-dir {plain_dir}\\): "
+                                                "pass --data-dir"):
+        compare.compare([a, b, "--out", str(out)])
+    # Kept apart from Multi30k runs, published or custom, as before.
+    for name, args in (("m30k", {}), ("m30k_custom", {"custom_data": True})):
+        other = Path(budget_run(tmp_path, "dlm100_rnn", name, 5.0))
+        (other / "args.json").write_text(json.dumps({"epochs": 20, "run_name": name, **args}))
+        with pytest.raises(compare.UserError, match="on custom data, plain text: different strings, not comparable"):
+            compare.compare([a, str(other), "--data-dir", str(test_dir), "--out", str(out)])
+    # A test file changed since the runs scored it: refused, even with the same number of lines.
+    with gzip.open(plain_dir / "test.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(line.upper() + "\n" for line in PLAIN_TEST))
+    with pytest.raises(compare.UserError, match="test.txt.gz is not the test file dlm100_rnn/a scored"):
+        compare.compare([a, b, "--data-dir", str(plain_dir), "--out", str(out)])
+    # ... and through main(): one line.
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([a, b, "--data-dir", str(plain_dir), "--out", str(out)])
+    assert_one_line_error(1, exit_.value.code, "compare: error:", "SHA-256 differs")
