@@ -177,6 +177,11 @@ class Model(nn.Module):
         return -(reward.mean(0) + surrogate - surrogate.detach()) - entropy  # the value stays the -ELBO
 
 
+def build_model(vocab, train, cfg):
+    """The family's constructor (a model may read its training captions, as DLM107's lexicon does)."""
+    return Model(len(vocab), cfg)
+
+
 # ----------------------------------------------------------------------------- evaluate, sample
 @torch.no_grad()
 def evaluate(model, x, cfg, device, full=True):
@@ -543,7 +548,7 @@ def run(argv=None):
     vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
     cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
     train = splits["train"][: cfg.limit_train or None]
-    model = Model(len(vocab), cfg).to(device)
+    model = build_model(vocab, train, cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
                  else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

@@ -785,6 +785,80 @@ def test_a_refused_flag_combination_leaves_no_run_folder(script, bad, tiny_data,
     assert not (tmp_path / script).exists()
 
 
+# The strings each model spreads its probability over (by default every string of ids): a distribution that
+# does not sum to one there is the first bug of a copied model.
+SUPPORT = {"dlm107_vae_seg": "captions", "dlm142_diffusion": "no <bos>"}
+
+
+def support_of(script, vocab_size, slots):
+    strings = torch.tensor(list(itertools.product(range(vocab_size), repeat=slots)))
+    if SUPPORT.get(script) == "captions":  # characters, then <pad> to the end
+        strings = strings[(data.num_chars(strings) < slots) & (strings != data.BOS).all(1)]
+        strings = strings[(strings[:, :-1] == data.PAD).le(strings[:, 1:] == data.PAD).all(1)]
+    elif SUPPORT.get(script) == "no <bos>":
+        strings = strings[(strings != data.BOS).all(1)]
+    return strings
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_scores_a_distribution_that_sums_to_one_or_a_bound_below_it(script):
+    """The script's own evaluate on every string of 4 slots over 2 characters (and <pad>, <bos>, <unk>):
+    sum exp(-number) = 1 for an exact model; <= 1 for a bound, within the Monte-Carlo error of its estimate."""
+    module, vocab = MODULES[script], data.Vocab(["a", "b"])
+    cfg, _ = common.parse_flags(module.Config, "", TINY[script] + ["--eval-batch-size", "50"])
+    if "iw_samples" in module.RUN_FLAGS:
+        cfg = dataclasses.replace(cfg, iw_samples=1000)  # importance weights: p(x) estimated unbiasedly
+    x = support_of(script, len(vocab), 4)
+    torch.manual_seed(0)
+    model = module.build_model(vocab, x, cfg)
+    with torch.no_grad():  # far from the initial near-uniform distributions, so the sum is a real check
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    nll, extra = module.evaluate(model, x, cfg, CPU)
+    total = torch.exp(-nll.double()).sum().item()
+    if extra["bound"] == "exact":
+        assert total == pytest.approx(1.0, abs=1e-4)
+    else:
+        assert 0 < total <= 1.03, total  # (1.03: the Monte-Carlo error of an estimated bound)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_test_number_does_not_depend_on_the_eval_batch_size(script, finished, tmp_path):
+    out_dir, run_dir = copy_run(finished[script], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    for size in ("64", "7"):
+        call_ok(script, ["--eval-only", "--eval-batch-size", size, "--out-dir", str(out_dir), "--data-dir", data_dir])
+    first, second = [r for r in read_metrics(run_dir) if r["kind"] == "test"][-2:]
+    assert first["nlpps"] == second["nlpps"]  # bit for bit: each caption's noise is its own
+
+
+class Killed(BaseException):
+    """kill -9, as far as the run can tell: nothing of it runs after."""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_killed_between_its_two_checkpoint_writes_resumes_to_the_straight_runs_test(script, tiny_data,
+                                                                                         tmp_path, monkeypatch):
+    """Killed after the first checkpoint written at the last step (ckpt_best.pt when that step is the best),
+    then resumed: the checkpoints never disagree on which is best, so the test scores the same model."""
+    module = MODULES[script]
+    call_ok(script, tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", "straight"))
+    real_save = module.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state["step"] == 8:
+            raise Killed
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed), contextlib.redirect_stdout(io.StringIO()):
+        module.main(tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", "killed"))
+    monkeypatch.undo()
+    call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "killed", "--resume"))
+    straight, killed = (read_records(tmp_path / script / name, "test") for name in ("straight", "killed"))
+    assert killed == straight
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_script_runs_with_only_data_py_and_common_py_beside_it(script, tiny_data, tmp_path):
     for name in (f"{script}.py", "data.py", "common.py"):
