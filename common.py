@@ -72,10 +72,12 @@ def eval_generator() -> torch.Generator:
 
 
 def caption_noise(first, count, draw):
-    """The evaluation noise of captions first .. first + count - 1 of a split, stacked (count, ...): caption i's
-    `draw(generator)` from its own CPU generator seeded EVAL_SEED + 1 + i, so a caption's number never depends on the batch it is
-    scored in (--eval-batch-size), on --seed, on the device, or on where training is."""
-    return torch.stack([draw(torch.Generator().manual_seed(EVAL_SEED + 1 + i)) for i in range(first, first + count)])
+    """The evaluation noise of captions first .. first + count - 1 of a split, stacked (count, ...):
+    caption i's `draw(generator)` from its own CPU generator seeded EVAL_SEED + 1 + i, so a caption's number
+    never depends on the batch it is scored in (--eval-batch-size), on --seed, on the device, or on where
+    training is."""
+    return torch.stack([draw(torch.Generator().manual_seed(EVAL_SEED + 1 + i))
+                        for i in range(first, first + count)])
 
 
 def nlpps_and_bpc(nll: torch.Tensor, n_chars: torch.Tensor) -> tuple[float, float]:

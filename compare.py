@@ -139,7 +139,8 @@ def load_run(path: Path) -> Run:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path / 'args.json'} is not valid JSON") from None
     nlpps = read_nlpps(path / "test_nlpps.txt")
-    params = ckpt.get("n_params") or sum(v.numel() for v in ckpt["model"].values())  # buffers are not parameters
+    # buffers are not parameters
+    params = ckpt.get("n_params") or sum(v.numel() for v in ckpt["model"].values())
     return Run(path, f"{script}/{path.name}", script, args, metrics, nlpps, ckpt["vocab"], params)
 
 
@@ -153,8 +154,8 @@ def layout_of(run: Run) -> str:
 
 
 def data_of(run: Run) -> str:
-    """'multi30k' for the published files as data.py encodes them; else what differs (custom files, plain text,
-    no spaces)."""
+    """'multi30k' for the published files as data.py encodes them; else what differs (custom files, plain
+    text, no spaces)."""
     labels = {r.get("data", "multi30k") for r in run.metrics if r["kind"] == "test"}
     if run.args.get("custom_data"):
         labels.add("custom data")
@@ -172,35 +173,40 @@ def check_comparable(runs: list[Run]) -> None:
             raise UserError(f"{run.name} was scored on {data_of(run)}, {first.name} on {data_of(first)}: "
                             "different strings, not comparable")
         if run.vocab != first.vocab:
-            raise UserError(f"{run.name} and {first.name} used different vocabularies (different data): not comparable")
+            raise UserError(f"{run.name} and {first.name} used different vocabularies (different data): "
+                            "not comparable")
         checksums = run.args.get("data_sha256"), first.args.get("data_sha256")
         if None not in checksums and checksums[0] != checksums[1]:
-            raise UserError(f"{run.name} and {first.name} were made from different data files (SHA-256): not comparable")
+            raise UserError(f"{run.name} and {first.name} were made from different data files (SHA-256): "
+                            "not comparable")
         if len(run.nlpps) != len(first.nlpps):
             raise UserError(f"{run.name} has {len(run.nlpps)} test values, {first.name} {len(first.nlpps)}: "
                             "the files do not line up")
 
 
 def read_test_captions(runs: list[Run], data_dir: str | None) -> list[str]:
-    """The test lines the runs scored, in file order, read as data.load() reads them: Multi30k's test file (found
-    as data.find_file finds it), or the plain-text folder's test file (data.find_splits) without its blank lines.
-    A plain-text folder must be named (--data-dir or $DLM_DATA_DIR: the cache holds only Multi30k), and a test
-    file whose SHA-256 differs from the one the runs recorded is refused."""
+    """The test lines the runs scored, in file order, read as data.load() reads them: Multi30k's test file
+    (found as data.find_file finds it), or the plain-text folder's test file (data.find_splits) without its
+    blank lines. A plain-text folder must be named (--data-dir or $DLM_DATA_DIR: the cache holds only
+    Multi30k), and a test file whose SHA-256 differs from the one the runs recorded is refused."""
     run = runs[0]  # check_comparable: the same data for all
     if layout_of(run) == "multi30k":
         path = data.find_file(data.FILES["test"], data_dir)
     else:
         if not (data_dir or os.environ.get(data.ENV_VAR)):
-            recorded = f" (they recorded --data-dir {run.args['data_dir']})" if run.args.get("data_dir") else ""
-            raise UserError(f"{run.name} was made on a plain-text folder{recorded}: pass --data-dir with that folder")
+            recorded = (f" (they recorded --data-dir {run.args['data_dir']})"
+                        if run.args.get("data_dir") else "")
+            raise UserError(f"{run.name} was made on a plain-text folder{recorded}: "
+                            "pass --data-dir with that folder")
         layout, paths = data.find_splits(data_dir)
         if layout != "plain text":
-            raise UserError(f"{run.name} was made on a plain-text folder, but {paths['test'].parent} is read as "
-                            "Multi30k: pass --data-dir with the runs' plain-text folder")
+            raise UserError(f"{run.name} was made on a plain-text folder, but {paths['test'].parent} "
+                            "is read as Multi30k: pass --data-dir with the runs' plain-text folder")
         path = paths["test"]
     recorded = (run.args.get("data_sha256") or {}).get(path.name)
     if recorded is not None and data._sha256(path) != recorded:
-        raise UserError(f"{path} is not the test file {run.name} scored (SHA-256 differs): not comparable")
+        raise UserError(f"{path} is not the test file {run.name} scored (SHA-256 differs): "
+                        "not comparable")
     captions = data.read_captions(path)
     if layout_of(run) == "plain text":
         captions = [line for line in captions if line.strip()]  # data.load()'s rule for plain text
@@ -218,12 +224,14 @@ def key_hyperparameters(run: Run) -> str:
         defaults, skip = dataclasses.asdict(script.Config()), script.RUN_FLAGS - RUN_FLAGS_SHOWN
     except (ImportError, AttributeError):
         defaults, skip = {}, set()
-    diff = [f"{k}={v}" for k, v in run.args.items() if k not in skip | {"data_sha256"} and defaults.get(k, v) != v]
+    diff = [f"{k}={v}" for k, v in run.args.items()
+            if k not in skip | {"data_sha256"} and defaults.get(k, v) != v]
     return " ".join(diff) or "defaults"
 
 
 def table(runs: list[Run]) -> list[str]:
-    lines = ["| run | key hyper-parameters | parameters | epochs | test NLPPS | bpc | exact or bound | train seq/s |",
+    lines = ["| run | key hyper-parameters | parameters | epochs | test NLPPS | bpc | exact or bound "
+             "| train seq/s |",
              "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         t = run.test
@@ -404,14 +412,16 @@ def plot(runs: list[Run], pairs, lengths: torch.Tensor, out: Path) -> None:
 
 
 def compare(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders, e.g. out/dlm100_rnn/default")
-    parser.add_argument("--baseline", default="", help="compare every run against this one instead of all pairs")
+    parser.add_argument("--baseline", default="",
+                        help="compare every run against this one instead of all pairs")
     parser.add_argument("--out", default="out/compare",
                         help="folder for comparison.md, comparison.png and budget.png")
     parser.add_argument("--data-dir", default="",
-                        help="the runs' data folder: Multi30k files or plain text (else $DLM_DATA_DIR; Multi30k: "
-                             "else the cache)")
+                        help="the runs' data folder: Multi30k files or plain text (else $DLM_DATA_DIR; "
+                             "Multi30k: else the cache)")
     parser.add_argument("--top", type=int, default=5, help="captions listed each way per pair")
     args = parser.parse_args(argv)
     paths = list(dict.fromkeys([args.baseline] * bool(args.baseline) + args.runs))
@@ -421,7 +431,8 @@ def compare(argv=None) -> str:
     check_comparable(runs)
     captions = read_test_captions(runs, args.data_dir or None)
     if len(captions) != len(runs[0].nlpps):
-        raise UserError(f"the test file has {len(captions)} captions but the runs have {len(runs[0].nlpps)} values")
+        raise UserError(f"the test file has {len(captions)} captions "
+                        f"but the runs have {len(runs[0].nlpps)} values")
     lengths = torch.tensor([min(len(c), data.SLOTS - 1) for c in captions])
     pairs = [(runs[0], r) for r in runs[1:]] if args.baseline else list(itertools.combinations(runs, 2))
     costs = costs_of(runs)

@@ -45,13 +45,15 @@ ENV_VAR = "DLM_DATA_DIR"
 
 
 class DataError(Exception):
-    """Data that cannot be had or used (missing, not the published files, unreadable): one line for the user."""
+    """Data that cannot be had or used (missing, not the published files, unreadable): one line
+    for the user."""
 
 
 def emittable(log_probs: torch.Tensor) -> torch.Tensor:
     """log_probs (..., V) with BOS ruled out and renormalised: BOS is an input symbol only, and a sampler
     must never write a symbol a caption cannot hold (the models give it a little mass before training)."""
-    return torch.log_softmax(log_probs.index_fill(-1, torch.tensor([BOS], device=log_probs.device), -math.inf), -1)
+    return torch.log_softmax(
+        log_probs.index_fill(-1, torch.tensor([BOS], device=log_probs.device), -math.inf), -1)
 
 
 class Vocab:
@@ -137,8 +139,10 @@ def read_captions(path: Path) -> list[str]:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f]
     except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error, OSError) as e:
-        why = {EOFError: "truncated", gzip.BadGzipFile: "not a gzip file", UnicodeDecodeError: "not UTF-8 text"}
-        raise DataError(f"cannot read {path}: {why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
+        why = {EOFError: "truncated", gzip.BadGzipFile: "not a gzip file",
+               UnicodeDecodeError: "not UTF-8 text"}
+        raise DataError(f"cannot read {path}: "
+                        f"{why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
 
 
 def removed_spaces(lines: list[str]) -> torch.Tensor:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
 import matplotlib
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ from common import flag
 
 matplotlib.use("Agg")  # figures are files; no window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
 
 SCRIPT = "dlm100_rnn"
 
@@ -182,8 +185,8 @@ def sample(model, n, cfg, device, generator):
 
 
 # ============================================================================= the run
-# The same text in every script of the family, but for the lines where a model needs more (a test checks that
-# each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+# The same text in every script of the family, but for the lines where a model needs more (a test checks
+# that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
 RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
 
 
@@ -193,54 +196,50 @@ def as_flag(name, value):
     return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
 
-def settings_from(ckpt, cfg, given):
-    """The settings of a run, read from its checkpoint: every flag but RUN_FLAGS (--resume may give a new
-    --epochs, which its lr schedule then spans). Typing one of them with another value is refused."""
+def open_run(argv):
+    """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
+    folder). A checkpoint's settings are all but RUN_FLAGS (--resume may give a new --epochs); typing one of
+    them with another value is refused."""
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    if cfg.sample_only and not cfg.show_samples:
+        raise RunError("--sample-only with --show-samples 0 would print nothing")
+    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
+    if not (cfg.resume or cfg.eval_only or cfg.sample_only):
+        return cfg, None, run_dir
+    ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
     fields = Config.__dataclass_fields__
     saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
              and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
     for k in sorted(given & saved.keys()):
         if saved[k] != getattr(cfg, k):
-            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, saved[k])}: "
-                           "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
-    return dataclasses.replace(cfg, **saved)
-
-
-def open_run(argv):
-    """Flags -> (settings, the checkpoint that --resume, --eval-only or --sample-only reads (else None), the
-    run folder). Nothing is written yet."""
-    cfg, given = common.parse_flags(Config, __doc__, argv)
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
-    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
-    if len(modes) > 1:
-        raise RunError("use only one of " + ", ".join(modes))
-    if cfg.sample_only and not cfg.show_samples:
-        raise RunError("--sample-only with --show-samples 0 would print nothing")
-    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
-        cfg = settings_from(ckpt, cfg, given)
-    return cfg, ckpt, run_dir
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's "
+                           f"{as_flag(k, saved[k])}: a checkpoint keeps its settings; drop the flag, or "
+                           "train a new --run-name")
+    return dataclasses.replace(cfg, **saved), ckpt, run_dir
 
 
 def load_data(cfg, ckpt, run_dir):
-    """The vocabulary, the splits and their files' SHA-256; a run goes on with the data it was trained on, or
-    not at all. A plain-text corpus is custom data by construction."""
-    vocab, splits, sha256, data_info = data.load(cfg.data_dir or None, cfg.custom_data)
+    """The vocabulary, splits, files' SHA-256 and what data.py found; a run goes on with the data it was
+    trained on, or not at all."""
+    vocab, splits, sha256, found = data.load(cfg.data_dir or None, cfg.custom_data)
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
         changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
                          if sha256.get(name) != ckpt["data_sha256"].get(name))
-        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
-                       "trained on (SHA-256): pass the --data-dir it used")
-    return vocab, splits, sha256, data_info
+        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} "
+                       "was trained on (SHA-256): pass the --data-dir it used")
+    return vocab, splits, sha256, found
 
 
 def pick_device(name):
     """auto: CUDA if present, else MPS, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
         raise RunError(f"--device {name} was asked for but is not available here")
     return torch.device(name)
 
@@ -253,48 +252,37 @@ def lr_at(step, total_steps, cfg):
 
 
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never leaves
-    a half-written checkpoint, and the previous one stays."""
+    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never
+    leaves a half-written checkpoint, and the previous one stays."""
     buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
     torch.save(state, buffer)
     try:
         tmp.write_bytes(buffer.getbuffer())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
         raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
-    except KeyboardInterrupt:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = ("it has no best checkpoint yet: --resume continues it" if (path.parent / "ckpt_last.pt").is_file()
-                else "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir()
-                else "check --out-dir and --run-name")
+        hint = ("it has no best checkpoint yet: --resume continues it"
+                if (path.parent / "ckpt_last.pt").is_file()
+                else "a run stopped before its first checkpoint? --overwrite starts it afresh"
+                if path.parent.is_dir() else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # empty, truncated, random bytes, a pickle with code in it
-        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this project)") from None
+        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this "
+                       "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     return state
-
-
-def restore(model, optimizer, order, ckpt, cfg, run_dir):
-    """Load a checkpoint's weights, and for --resume the optimizer and both random streams as they were."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        if cfg.resume:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            order.set_state(ckpt["epoch_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
 
 
 @contextlib.contextmanager
@@ -317,8 +305,8 @@ def lock_run_folder(run_dir):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM while training: the list it yields gets the signal, and the loop finishes its step,
-    saves and stops; a second signal stops at once."""
+    """Ctrl-C or SIGTERM while training lands in the list this yields: the loop finishes its step, saves and
+    stops. A second one stops at once."""
     requests = []
 
     def request_stop(signum, frame):
@@ -334,31 +322,30 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def read_metrics(run_dir):
-    """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
+def read_metrics(run_dir, keep=None):
+    """metrics.jsonl's records, without a torn line (the process was killed while writing it); with `keep`,
+    the file is rewritten with the records keep(record) accepts."""
     path, records = run_dir / "metrics.jsonl", []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
+    if keep:
+        records = [r for r in records if keep(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def keep_records(run_dir, keep):
-    """Rewrite metrics.jsonl with the records `keep` accepts (and without a torn last line)."""
-    records = [r for r in read_metrics(run_dir) if keep(r)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def prepare_run_folder(run_dir, cfg, ckpt):
-    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past its
-    checkpoint, which it is about to replay, and its old test record: the run ends with a new one."""
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
+    its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
     if ckpt is not None:
-        return keep_records(run_dir, lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+        return read_metrics(run_dir, keep=lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
     if old and not cfg.overwrite:
         what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
                            else ("a run stopped before its first checkpoint", ""))
-        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start it afresh")
+        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start "
+                       "it afresh")
     for path in old:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
@@ -389,8 +376,8 @@ def plot_curves(run_dir, title):
 
 
 def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
-    """Score a split: the eval line, its metrics record (with the run's `progress`: step, epoch, parameters,
-    training seconds), for test the per-caption nats compare.py reads. Returns the NLPPS."""
+    """Score a split: the eval line, its record (with `progress`: step, epoch, parameters, training seconds),
+    for test the per-caption nats compare.py reads. Returns the NLPPS."""
     t0 = time.time()
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test")
     bound = extra.pop("bound")
@@ -399,8 +386,9 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
-    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
-        f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
+    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | "
+        f"nlpps {nlpps:.2f} | bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | "
+        f"{seconds:.1f} s",
         dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
@@ -419,20 +407,12 @@ def write_samples(model, vocab, cfg, device, run_dir, epoch):
         log(run_dir, line)
 
 
-def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, progress, best_val):
-    """Everything --resume needs to continue exactly (mid-epoch too: the epoch's order is replayed from
-    epoch_rng), as plain tensors and containers."""
-    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), args=dataclasses.asdict(cfg),
-                vocab=vocab.itos, data_sha256=sha256, best_val=best_val, epoch_rng=epoch_rng,
-                torch_rng=torch.get_rng_state(), **progress)
-
-
 def run(argv=None):
     cfg, ckpt, run_dir = open_run(argv)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
-    cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
+    vocab, splits, sha256, found = load_data(cfg, ckpt, run_dir)
+    cfg = dataclasses.replace(cfg, custom_data=found["custom"])  # (a plain-text corpus is custom data)
     train = splits["train"][: cfg.limit_train or None]
     model = build_model(vocab, train, cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
@@ -443,37 +423,45 @@ def run(argv=None):
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, train_seconds = 0, math.inf, 0.0
-    if ckpt is not None:
-        restore(model, optimizer, order, ckpt, cfg, run_dir)
-        step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+    try:
+        if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
+            model.load_state_dict(ckpt["model"])
+            step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+        if cfg.resume:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            order.set_state(ckpt["epoch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})"
+                       ) from None
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    def progress():  # what every record and checkpoint says of where the run is
+    def progress():  # where the run is: every record and checkpoint says it
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
 
     if cfg.sample_only or cfg.eval_only:
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
-            keep_records(run_dir, lambda r: True)  # (a torn last line would glue to the next record)
+            read_metrics(run_dir, keep=lambda r: True)  # (drops a torn last line: the next record is whole)
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        args = dataclasses.asdict(cfg) | {"data_sha256": sha256}
+        (run_dir / "args.json").write_text(json.dumps(args, indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-        log(run_dir, data_info["summary"])
+        log(run_dir, found["summary"])
         losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
         while step < last_step:
-            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from order's state
+            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
                 epoch_rng, epoch_t0 = order.get_state(), time.time()
                 epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
-            x, step_t0 = next(epoch_batches), time.time()
-            lr = lr_at(step, total_steps, cfg)
+            x, step_t0, lr = next(epoch_batches), time.time(), lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -490,27 +478,28 @@ def run(argv=None):
             step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
             train_seconds += time.time() - step_t0
             if step % cfg.log_every == 0 or step == 1:
-                now = time.time()
-                eta = round(train_seconds / step * (last_step - step))
+                now, eta = time.time(), round(train_seconds / step * (last_step - step))
                 log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
                     f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
                     f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                    dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
-                         seq_per_s=seen / (now - window_t0)))
+                    dict(kind="train", step=step, epoch=step / steps_per_epoch,
+                         nlpps=sum(losses) / len(losses), seq_per_s=seen / (now - window_t0)))
                 losses, seen, window_t0 = [], 0, now
             if not (stop or step == last_step or step % steps_per_epoch == 0):
                 continue
             # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
-            is_best = False
-            if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+            is_best, epoch_done = False, step % steps_per_epoch == 0
+            if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
                 if not math.isfinite(val):
-                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last good "
-                                   f"checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last "
+                                   f"good checkpoint {run_dir / 'ckpt_last.pt'} is kept")
                 is_best, best_val = val <= best_val, min(val, best_val)
-            epoch_done = step % steps_per_epoch == 0
-            state = checkpoint_state(model, optimizer, order, order.get_state() if epoch_done else epoch_rng, vocab,
-                                     sha256, cfg, progress(), best_val)
+            state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256,
+                         best_val=best_val,
+                         epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
+                         torch_rng=torch.get_rng_state(), **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
                 save_checkpoint(state, run_dir / "ckpt_best.pt")
             save_checkpoint(state, run_dir / "ckpt_last.pt")
@@ -523,8 +512,8 @@ def run(argv=None):
             epoch_batches = None
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
-        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | dict(step=best["step"],
-                                                                                      epoch=best["step"] / steps_per_epoch))
+        at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)
+        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | at_best)
 
 
 def main(argv=None):

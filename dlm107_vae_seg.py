@@ -9,9 +9,10 @@ characters before it, not on how they were cut (Kawakami, Dyer & Blunsom 2019; S
     p(piece | h_i) = g(h_i) p_lex(piece | h_i) + (1 - g(h_i)) p_chars(piece | h_i)        (lexical memory)
 p_lex is a distribution over the M most frequent substrings of the training captions (--lexicon, lengths
 --lex-min..--lex-max), computed from the context (LexicalMemory; --lex-key, --lex-factor):
-    score_e(h_i) = <W h_i, m_e> + b_e,   p_lex(e | h_i) = p(first char a of e | h_i) softmax_{e' in G_a}(score)_e
-where G_a holds the entries that start with a: exact, and only the group of the next character is normalised at
-a start (~M / 13 scores instead of M; --no-lex-factor: one softmax over all M entries).
+    score_e(h_i) = <W h_i, m_e> + b_e,
+    p_lex(e | h_i) = p(first char a of e | h_i) softmax_{e' in G_a}(score)_e
+where G_a holds the entries that start with a: exact, and only the group of the next character is normalised
+at a start (~M / 13 scores instead of M; --no-lex-factor: one softmax over all M entries).
 Which windows are entries is found by walking a trie of the lexicon, K tensor lookups per batch.
 A piece ends with <pad>; <pad> as its first symbol is the empty piece, which ends the caption. Where a piece
 has room for r = min(K, 99 - i) characters only, its end after r characters is forced (costs nothing), p_lex
@@ -39,7 +40,8 @@ space in the vocabulary; the papers' protocol; a different string, labelled so) 
 the removed spaces. Boundary F1 with the spaces kept: a cut just before or just after a space marks that word
 boundary, cuts and spaces matched one to one; word F1: a word (the characters between two boundaries, spaces
 left out) is right when both its ends are.
-Results row:  python dlm107_vae_seg.py      (and --lexicon 0, --estimator reinforce, --segmenter spaces, --no-spaces)
+Results row:  python dlm107_vae_seg.py
+              (and --lexicon 0, --estimator reinforce, --segmenter spaces, --no-spaces)
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
 import matplotlib
 import numpy as np
 import torch
@@ -70,6 +73,8 @@ from common import flag
 
 matplotlib.use("Agg")  # figures are files; no window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
 
 SCRIPT = "dlm107_vae_seg"
 SHOWN = 4  # test captions printed with their cuts and drawn in segments.png
@@ -85,42 +90,55 @@ class Config:
     embed: int = flag(128, "embedding and context GRU width E", low=1, part="the model: context and pieces")
     piece_embed: int = flag(64, "piece-decoder GRU width D", low=1)
     max_piece: int = flag(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
-    piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its start state")
-    lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)", low=0, part="the model: the lexical memory")
+    piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its "
+                               "start state")
+    lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)",
+                        low=0, part="the model: the lexical memory")
     lex_min: int = flag(2, "shortest substring in the lexicon", low=1)
     lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
-    lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start with it "
-                           "(exact, ~13x cheaper); --no-lex-factor: one softmax over all the entries")
-    estimator: str = flag("exact", "the training gradient: of the exact log p(x), or of the ELBO of a REINFORCE-trained q(z|x)",
-                         choices=("exact", "reinforce"), part="the model: how it is trained (the reported NLPPS is always the exact -log p(x))")
-    segmenter: str = flag("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after every "
-                         "space only (DLM106)", choices=("learned", "spaces"))
-    piece_cost: float = flag(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which favours "
-                            "fewer, longer pieces (the reported NLPPS stays the exact log p(x))", low=0)
-    length_penalty: float = flag(0.01, "lambda: add lambda * sum over pieces of p(piece | x) |piece|^beta to the training "
-                                "loss (Kawakami et al.'s expected length; the reported NLPPS stays the exact log p(x))", low=0)
+    lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start "
+                            "with it (exact, ~13x cheaper); --no-lex-factor: one softmax over all the "
+                            "entries")
+    estimator: str = flag("exact", "the training gradient: of the exact log p(x), or of the ELBO of a "
+                          "REINFORCE-trained q(z|x)", choices=("exact", "reinforce"),
+                          part="the model: how it is trained (the reported NLPPS is always the exact "
+                               "-log p(x))")
+    segmenter: str = flag("learned", "learned: sum over (or infer) the cuts; spaces: train on the cuts after "
+                          "every space only (DLM106)", choices=("learned", "spaces"))
+    piece_cost: float = flag(0.0, "exact: train on log sum_z p(x, z) exp(-piece_cost * pieces in z), which "
+                             "favours fewer, longer pieces (the reported NLPPS stays the exact log p(x))",
+                             low=0)
+    length_penalty: float = flag(0.01, "lambda: add lambda * sum over pieces of p(piece | x) |piece|^beta to "
+                                 "the training loss (Kawakami et al.'s expected length; the reported NLPPS "
+                                 "stays the exact log p(x))", low=0)
     length_exponent: float = flag(2.0, "beta of --length-penalty", low=0)
-    parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)", choices=("causal", "bi"))
-    train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, val's -ELBO", low=2)
-    spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled 'spaces removed')", part="the data: the spaces")
-    epochs: int = flag(8, "training epochs (a plain --resume keeps the run's; 8, as the memory overfits by 20)", low=1, resume_may_change=True,
+    parser: str = flag("causal", "reinforce: q's GRU sees c_<=t (causal) or all of x (bi)",
+                       choices=("causal", "bi"))
+    train_samples: int = flag(4, "reinforce: segmentations drawn per caption for the ELBO, its gradient, "
+                              "val's -ELBO", low=2)
+    spaces: bool = flag(True, "--no-spaces removes the spaces (a different string: its NLPPS is labelled "
+                        "'spaces removed')", part="the data: the spaces")
+    epochs: int = flag(8, "training epochs (a plain --resume keeps the run's; 8, as the memory overfits "
+                       "by 20)", low=1, resume_may_change=True,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(64, "captions per step", low=1)
     lr: float = flag(4e-3, "peak learning rate", above=0)
-    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
-    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
+    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training",
+                            choices=("cosine", "constant"))
+    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code",
+                          choices=("adamw", "rmsprop"))
     weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
-    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise has its own)",
-                     low=0, high=2**31 - 1)
+    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation "
+                     "noise has its own)", low=0, high=2**31 - 1)
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
-                             "check); such runs are labelled and compare.py keeps them apart")
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
-                       part=common.RUN_CONTROL)
-    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
-                      choices=("float32", "bfloat16"))
+    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose "
+                             "(no checksum check); such runs are labelled and compare.py keeps them apart")
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
+                       choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
+    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU "
+                      "mostly slower)", choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
     data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
@@ -134,9 +152,10 @@ class Config:
     log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
     max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
     eval_batch_size: int = flag(100, "captions per evaluation batch", low=1)
-    iw_samples: int = flag(100, "reinforce: samples per caption of the test IW bound (an evaluation setting)", low=1)
-    segment: str = flag("", "segment the lines of this text file with the run's best model (--run-name), print the "
-                        "words found, one line each, then stop")
+    iw_samples: int = flag(100, "reinforce: samples per caption of the test IW bound (an evaluation setting)",
+                           low=1)
+    segment: str = flag("", "segment the lines of this text file with the run's best model (--run-name), "
+                        "print the words found, one line each, then stop")
     segment_out: str = flag("", "with --segment: write the words found to this file instead of printing them")
 
 
@@ -145,156 +164,10 @@ class Config:
         return not self.spaces
 
 
-# ----------------------------------------------------------------------------- the lexical memory
-class LexicalMemory(nn.Module):
-    """The lexical memory: M entries (the most frequent training substrings), a distribution over them computed
-    from the context state h = h_i of a piece's start, and the gate g(h) that mixes it with the piece GRU.
-
-        score_e(h) = <W h, m_e> + b_e              W: E -> key (--lex-key), m_e (key,), b_e: learned per entry e
-    --no-lex-factor, one softmax over the entries that fit in the r characters of room:
-        log p_lex(e | h) = score_e(h) - logsumexp_{e': |e'| <= r} score_e'(h)
-    --lex-factor (default), by the first character a(e):  G_a = the entries that start with a,
-        log p_lex(e | h) = log p(a(e) | h) + score_e(h) - logsumexp_{e' in G_a(e), |e'| <= r} score_e'(h)
-        p(a | h) = softmax_a(u_a . h + c_a) over the first characters a whose G_a has an entry of <= r characters.
-    Both are exact distributions over the entries that fit. A window at start i is an entry only if it begins with
-    the next character c_{i+1}, so the factorised memory needs the normaliser of that one group only (on Multi30k
-    about M / 13 entries per start instead of M), where the full softmax needs a (starts x M) product per batch.
-        g(h) = sigmoid(v . h + d), and g = 0 where no entry fits (r < the shortest entry).
-    The entries are stored grouped by first character (a stable sort of most_frequent's list); the checkpoint keeps them so.
-    """
-
-    def __init__(self, lexicon: torch.Tensor, vocab_size: int, embed: int, key: int, factor: bool):
-        super().__init__()
-        lexicon = lexicon[torch.sort(lexicon[:, 0], stable=True).indices]  # grouped by first character
-        self.V, self.factor = vocab_size, factor
-        self.register_buffer("lexicon", lexicon)                   # (M, lex_max) ids then PAD
-        self.key = nn.Linear(embed, key)                           # W
-        self.values = nn.Parameter(torch.randn(len(lexicon), key) / math.sqrt(key))  # m_e
-        self.bias = nn.Parameter(torch.zeros(len(lexicon)))        # b_e
-        self.gate = nn.Linear(embed, 1)
-        self.first = nn.Linear(embed, vocab_size) if factor else None  # u_a, c_a
-        self.index()
-        self.register_load_state_dict_post_hook(lambda module, keys: module.index())  # a checkpoint's lexicon
-
-    # --- building the list and the trie
-    @staticmethod
-    def most_frequent(x, size, lex_min, lex_max):
-        """x (N, L) training captions -> (size, lex_max) ids then PAD: the most frequent substrings (overlapping
-        occurrences counted) of lex_min..lex_max characters, ties broken by length then ids, stored by length.
-        A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
-        V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
-        if V ** lex_max >= 2 ** 64:
-            raise RunError(f"--lex-max {lex_max} is too long for a vocabulary of {V} (V ** lex_max >= 2 ** 64)")
-        for length in range(lex_min, lex_max + 1 if size else 0):
-            windows = x.unfold(1, length, 1).reshape(-1, length)               # (N * (L - length + 1), length)
-            windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
-            keys = windows @ (np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64))
-            unique, counts = np.unique(keys, return_counts=True)               # in lexicographic order of the ids
-            top = np.argsort(-counts, kind="stable")[:size]
-            digits = unique[top, None] // np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64) % np.uint64(V)
-            found += [(c, length, ids) for c, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
-        chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:size], key=lambda f: f[1])
-        return torch.tensor([ids + [data.PAD] * (lex_max - len(ids)) for _, _, ids in chosen],
-                            dtype=torch.long).view(-1, lex_max)
-
-    @staticmethod
-    def trie(lexicon, vocab_size):
-        """-> child (nodes, V): the node reached by reading a character (node 0: no entry starts so, absorbing;
-        node 1: the root), and entry (nodes,): the lexicon row spelled by the path to a node, or -1."""
-        children, entry = {}, [-1, -1]
-        for index, ids in enumerate(lexicon.tolist()):
-            node = 1
-            for c in ids:
-                if c == data.PAD:
-                    break
-                node = children.setdefault((node, c), len(entry))
-                if node == len(entry):
-                    entry.append(-1)
-            entry[node] = index
-        child = torch.zeros(len(entry), vocab_size, dtype=torch.long)
-        if children:
-            keys = torch.tensor(list(children))
-            child[keys[:, 0], keys[:, 1]] = torch.tensor(list(children.values()))
-        return child, torch.tensor(entry)
-
-    def index(self):
-        """From self.lexicon: the trie, every entry's length and group, each group's rows [start, end) and its
-        shortest entry, and the group of every character (-1: no entry starts with it)."""
-        device, lexicon = self.lexicon.device, self.lexicon.cpu()
-        child, entry = self.trie(lexicon, self.V)
-        firsts, sizes = lexicon[:, 0].unique_consecutive(return_counts=True)
-        if len(firsts) != len(firsts.unique()):
-            raise ValueError("the lexicon's entries are not grouped by their first character")
-        bounds = F.pad(sizes.cumsum(0), (1, 0)).tolist()
-        self.groups = list(zip(bounds[:-1], bounds[1:]))  # rows of each group, in the order of `firsts`
-        length = (lexicon != data.PAD).sum(1)
-        group_of_char = torch.full((self.V,), -1, dtype=torch.long).index_copy(0, firsts, torch.arange(len(firsts)))
-        buffers = dict(trie_child=child, trie_entry=entry, entry_len=length, firsts=firsts,
-                       entry_group=torch.repeat_interleave(torch.arange(len(firsts)), sizes),
-                       group_min_len=torch.stack([length[a:b].min() for a, b in self.groups]) if len(firsts)
-                       else length, group_of_char=group_of_char)
-        for name, value in buffers.items():
-            self.register_buffer(name, value.to(device), persistent=False)
-
-    def entry_ids(self, windows):
-        """windows (P, K) characters -> (P, K) lexicon row of the first k characters, or -1: a walk down the trie."""
-        node, ids = torch.ones_like(windows[:, 0]), []
-        for t in range(windows.shape[1]):
-            node = self.trie_child[node, windows[:, t]]
-            ids.append(self.trie_entry[node])
-        return torch.stack(ids, 1)
-
-    # --- the log-probabilities
-    def gates(self, h, room):
-        """h (P, E), room (P,) -> log g, log (1 - g) (P,), with g = 0 where no entry fits."""
-        fits, gate = room >= self.entry_len.min(), self.gate(h).squeeze(-1)
-        return torch.where(fits, F.logsigmoid(gate), NEG), torch.where(fits, F.logsigmoid(-gate), 0.0)
-
-    def log_first(self, h, room):
-        """h (P, E), room (P,) -> (P, groups): log p(a | h), renormalised over the groups with an entry that fits."""
-        logits = self.first(h)[:, self.firsts]                                          # (P, groups)
-        return F.log_softmax(logits.masked_fill(self.group_min_len > room[:, None], NEG), -1)
-
-    def scores(self, h, rows=slice(None)):
-        """h (P, E) -> (P, entries in rows): score_e(h) = <W h, m_e> + b_e."""
-        return F.linear(self.key(h), self.values[rows], self.bias[rows])
-
-    def log_probs(self, h, room, windows):
-        """h (P, E), room (P,), windows (P, K) the characters after each start -> lex (P, K): log p_lex(first k
-        characters of the window | h) (NEG where they are not an entry), and log g, log (1 - g) (P,)."""
-        ids = self.entry_ids(windows)                                                    # (P, K)
-        if self.factor:  # log p(a | h) - log Z_a(h, r) for the group a of the next character, group by group
-            group = self.group_of_char[windows[:, 0]]                                    # (P,), -1: none
-            log_norm = h.new_zeros(len(h))
-            for a, (lo, hi) in enumerate(self.groups):
-                rows = (group == a).nonzero().squeeze(1)
-                if len(rows):
-                    s = self.scores(h[rows], slice(lo, hi))                              # (P_a, |G_a|)
-                    too_long = self.entry_len[lo:hi] > room[rows, None]
-                    log_norm = log_norm.index_put((rows,), s.masked_fill(too_long, NEG).logsumexp(-1))
-            offset = self.log_first(h, room).gather(1, group.clamp(min=0)[:, None]).squeeze(1) - log_norm
-        else:            # - log Z(h, r) over all the entries that fit: a (P, M) product
-            too_long = self.entry_len[None, :] > room[:, None]                           # (P, M)
-            offset = -self.scores(h).masked_fill(too_long, NEG).logsumexp(-1)
-        hit = ids >= 0
-        rows, e = hit.nonzero()[:, 0], ids[hit]                                          # (hits,) each
-        score = (self.key(h)[rows] * self.values[e]).sum(-1) + self.bias[e]
-        lex = torch.full(ids.shape, NEG, dtype=h.dtype, device=h.device).index_put((hit,), score + offset[rows])
-        return (lex,) + self.gates(h, room)
-
-    def all_log_probs(self, h, room):
-        """h (N, E), room (N,) -> (N, M): log p_lex(e | h) of every entry (NEG for those that do not fit); for the
-        sampler and the tests (M scores per row)."""
-        too_long = self.entry_len[None, :] > room[:, None]
-        s = self.scores(h).masked_fill(too_long, NEG)                                    # (N, M)
-        if not self.factor:
-            return s.log_softmax(-1).masked_fill(too_long, NEG)
-        log_norm = torch.stack([s[:, lo:hi].logsumexp(-1) for lo, hi in self.groups], 1)  # (N, groups)
-        log_p = self.log_first(h, room) - log_norm
-        return (s + log_p[:, self.entry_group]).masked_fill(too_long, NEG)
-
-
 # ----------------------------------------------------------------------------- segmentations
+# The sum over segmentations (the chart of the docstring) and what is read from it, for any table of piece
+# scores: scores[b, i, k-1] = log p(c_{i+1..i+k} | h_i), which the Model below fills (with the lexical
+# memory's help).
 def force_cuts(drawn, n, max_piece):
     """drawn (..., T) free draws of "cut after character t", n (...,) caption lengths -> (cuts, free): the
     segmentation with the forced cuts added (after each caption's last character, and where a piece reaches
@@ -317,8 +190,8 @@ def by_end(scores, fill=NEG):
 
 
 def prefix_sums(ends, n):
-    """ends (B, L, K) from by_end -> (B, J + 1), J = max n: alpha_j = log sum over the segmentations of the first
-    j characters of the product of their pieces' probabilities,
+    """ends (B, L, K) from by_end -> (B, J + 1), J = max n: alpha_j = log sum over the segmentations of the
+    first j characters of the product of their pieces' probabilities,
         alpha_0 = 0,  alpha_j = logsumexp_{k=1..K} alpha_{j-k} + log p(c_{j-k+1..j} | h_{j-k})."""
     B, L, K = ends.shape
     alpha = [ends.new_full((B,), NEG)] * (K - 1) + [ends.new_zeros(B)]  # alpha_{1-K} .. alpha_0
@@ -346,7 +219,8 @@ def viterbi_segmentation(ends, n):
         best.append(k + 1)
     at_n = torch.stack(alpha[K - 1:], 1).gather(1, n[:, None]).squeeze(1)
     best = torch.stack(best, 1) if best else n.new_zeros(B, 1)     # (B, max n): best length ending after j
-    cuts, pos, rows = torch.zeros(B, L, dtype=torch.bool, device=n.device), n.clone(), torch.arange(B, device=n.device)
+    cuts = torch.zeros(B, L, dtype=torch.bool, device=n.device)
+    pos, rows = n.clone(), torch.arange(B, device=n.device)
     while (pos > 0).any():  # walk back from the end, one piece per step
         on = pos > 0
         cuts[rows[on], pos[on] - 1] = True
@@ -355,8 +229,9 @@ def viterbi_segmentation(ends, n):
 
 
 def suffix_sums(scores, n):
-    """scores (B, L, K) by start -> (B, J + 1), J = max n: beta_j = log sum over the segmentations of characters
-    j+1..n of the product of their pieces' probabilities (the chart from the right; beta_n = 0, NEG past n),
+    """scores (B, L, K) by start -> (B, J + 1), J = max n: beta_j = log sum over the segmentations of
+    characters j+1..n of the product of their pieces' probabilities (the chart from the right; beta_n = 0,
+    NEG past n),
         beta_j = logsumexp_{k=1..K} log p(c_{j+1..j+k} | h_j) + beta_{j+k}."""
     B, L, K = scores.shape
     later, out, starts = [scores.new_full((B,), NEG)] * K, [], scores.unbind(1)  # beta_{j+1} .. beta_{j+K}
@@ -369,8 +244,9 @@ def suffix_sums(scores, n):
 
 
 def piece_posteriors(scores, n):
-    """scores (B, L, K) by start -> (B, L, K): p(piece c_{i+1..i+k} | x), differentiable (the training loss uses
-    it), from the charts from both sides:  p(piece | x) = exp(alpha_i + log p(piece | h_i) + beta_{i+k} - alpha_n)."""
+    """scores (B, L, K) by start -> (B, L, K): p(piece c_{i+1..i+k} | x), differentiable (the training loss
+    uses it), from the charts from both sides:
+        p(piece | x) = exp(alpha_i + log p(piece | h_i) + beta_{i+k} - alpha_n)."""
     B, L, K = scores.shape
     alpha = prefix_sums(by_end(scores), n)                                        # (B, J + 1)
     J = alpha.shape[1] - 1
@@ -382,8 +258,8 @@ def piece_posteriors(scores, n):
 
 
 def expected_length_cost(scores, n, exponent):
-    """scores (B, L, K) by start -> (B,): sum over the pieces of p(piece | x) |piece|^exponent, the expected-length
-    regulariser of Kawakami et al. (2019) (exponent 1: the constant n)."""
+    """scores (B, L, K) by start -> (B,): sum over the pieces of p(piece | x) |piece|^exponent, the
+    expected-length regulariser of Kawakami et al. (2019) (exponent 1: the constant n)."""
     K = scores.shape[-1]
     lengths = torch.arange(1, K + 1, device=scores.device, dtype=scores.dtype) ** exponent
     return (piece_posteriors(scores, n) * lengths).sum((1, 2))
@@ -399,13 +275,178 @@ def cut_probabilities(scores, n):
 
 
 def log_joint(ends, closing, n, cuts):
-    """log p(x, z) for segmentations cuts (..., B, L) (every piece <= K characters, a cut after the last one)."""
+    """log p(x, z) for segmentations cuts (..., B, L) (every piece <= K characters, a cut after the last
+    one)."""
     L, K = cuts.shape[-1], ends.shape[-1]
     t = torch.arange(L, device=cuts.device)
-    start = torch.where(F.pad(cuts, (1, -1), value=True), t, 0).cummax(-1).values  # first character of t's piece
+    start = torch.where(F.pad(cuts, (1, -1), value=True), t, 0).cummax(-1).values  # where t's piece starts
     length = (t - start).clamp(max=K - 1)                                          # its length - 1 so far
-    piece = F.pad(ends[:, 1:], (0, 0, 0, 1)).expand(*cuts.shape, K).gather(-1, length.unsqueeze(-1)).squeeze(-1)
+    ending = F.pad(ends[:, 1:], (0, 0, 0, 1)).expand(*cuts.shape, K)               # the pieces ending at t
+    piece = ending.gather(-1, length.unsqueeze(-1)).squeeze(-1)                    # t's piece, cut after t
     return torch.where(cuts, piece, 0.0).sum(-1) + closing.gather(1, n[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- the lexical memory
+class LexicalMemory(nn.Module):
+    """The lexical memory: M entries (the most frequent training substrings), a distribution over them
+    computed from the context state h = h_i of a piece's start, and the gate g(h) that mixes it with the
+    piece GRU.
+
+        score_e(h) = <W h, m_e> + b_e        W: E -> key (--lex-key), m_e (key,), b_e: learned per entry e
+    --no-lex-factor, one softmax over the entries that fit in the r characters of room:
+        log p_lex(e | h) = score_e(h) - logsumexp_{e': |e'| <= r} score_e'(h)
+    --lex-factor (default), by the first character a(e):  G_a = the entries that start with a,
+        log p_lex(e | h) = log p(a(e) | h) + score_e(h) - logsumexp_{e' in G_a(e), |e'| <= r} score_e'(h)
+        p(a | h) = softmax_a(u_a . h + c_a) over the first characters a whose G_a has an entry of
+                   <= r characters.
+    Both are exact distributions over the entries that fit. A window at start i is an entry only if it begins
+    with the next character c_{i+1}, so the factorised memory needs the normaliser of that one group only (on
+    Multi30k about M / 13 entries per start instead of M), where the full softmax needs a (starts x M)
+    product per batch.
+        g(h) = sigmoid(v . h + d), and g = 0 where no entry fits (r < the shortest entry).
+    The entries are stored grouped by first character (a stable sort of most_frequent's list); the checkpoint
+    keeps them so.
+    """
+
+    def __init__(self, lexicon: torch.Tensor, vocab_size: int, embed: int, key: int, factor: bool):
+        super().__init__()
+        lexicon = lexicon[torch.sort(lexicon[:, 0], stable=True).indices]  # grouped by first character
+        self.V, self.factor = vocab_size, factor
+        self.register_buffer("lexicon", lexicon)                   # (M, lex_max) ids then PAD
+        self.key = nn.Linear(embed, key)                           # W
+        self.values = nn.Parameter(torch.randn(len(lexicon), key) / math.sqrt(key))  # m_e
+        self.bias = nn.Parameter(torch.zeros(len(lexicon)))        # b_e
+        self.gate = nn.Linear(embed, 1)
+        self.first = nn.Linear(embed, vocab_size) if factor else None  # u_a, c_a
+        self.index()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.index())  # a checkpoint's lexicon
+
+    # --- building the list and the trie
+    @staticmethod
+    def most_frequent(x, size, lex_min, lex_max):
+        """x (N, L) training captions -> (size, lex_max) ids then PAD: the most frequent substrings
+        (overlapping occurrences counted) of lex_min..lex_max characters, ties broken by length then ids,
+        stored by length. A substring is counted by its number in base V (uint64, exact while
+        V ** lex_max < 2 ** 64)."""
+        V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
+        if V ** lex_max >= 2 ** 64:
+            raise RunError(f"--lex-max {lex_max} is too long for a vocabulary of {V} "
+                           "(V ** lex_max >= 2 ** 64)")
+        for length in range(lex_min, lex_max + 1 if size else 0):
+            windows = x.unfold(1, length, 1).reshape(-1, length)        # (N * (L - length + 1), length)
+            windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
+            place = np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64)  # V ** (length - 1) .. 1
+            keys = windows @ place
+            unique, counts = np.unique(keys, return_counts=True)        # in lexicographic order of the ids
+            top = np.argsort(-counts, kind="stable")[:size]
+            digits = unique[top, None] // place % np.uint64(V)          # the keys back to ids
+            found += [(count, length, ids)
+                      for count, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
+        chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:size], key=lambda f: f[1])
+        return torch.tensor([ids + [data.PAD] * (lex_max - len(ids)) for _, _, ids in chosen],
+                            dtype=torch.long).view(-1, lex_max)
+
+    @staticmethod
+    def trie(lexicon, vocab_size):
+        """-> child (nodes, V): the node reached by reading a character (node 0: no entry starts so,
+        absorbing; node 1: the root), and entry (nodes,): the lexicon row spelled by the path to a node,
+        or -1."""
+        children, entry = {}, [-1, -1]
+        for index, ids in enumerate(lexicon.tolist()):
+            node = 1
+            for c in ids:
+                if c == data.PAD:
+                    break
+                node = children.setdefault((node, c), len(entry))
+                if node == len(entry):
+                    entry.append(-1)
+            entry[node] = index
+        child = torch.zeros(len(entry), vocab_size, dtype=torch.long)
+        if children:
+            keys = torch.tensor(list(children))
+            child[keys[:, 0], keys[:, 1]] = torch.tensor(list(children.values()))
+        return child, torch.tensor(entry)
+
+    def index(self):
+        """From self.lexicon: the trie, every entry's length and group, each group's rows [start, end) and its
+        shortest entry, and the group of every character (-1: no entry starts with it)."""
+        device, lexicon = self.lexicon.device, self.lexicon.cpu()
+        child, entry = self.trie(lexicon, self.V)
+        firsts, sizes = lexicon[:, 0].unique_consecutive(return_counts=True)
+        if len(firsts) != len(firsts.unique()):
+            raise ValueError("the lexicon's entries are not grouped by their first character")
+        bounds = F.pad(sizes.cumsum(0), (1, 0)).tolist()
+        self.groups = list(zip(bounds[:-1], bounds[1:]))  # rows of each group, in the order of `firsts`
+        length = (lexicon != data.PAD).sum(1)
+        group_of_char = torch.full((self.V,), -1, dtype=torch.long)
+        group_of_char[firsts] = torch.arange(len(firsts))
+        buffers = dict(trie_child=child, trie_entry=entry, entry_len=length, firsts=firsts,
+                       entry_group=torch.repeat_interleave(torch.arange(len(firsts)), sizes),
+                       group_min_len=torch.stack([length[a:b].min() for a, b in self.groups]) if len(firsts)
+                       else length, group_of_char=group_of_char)
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(device), persistent=False)
+
+    def entry_ids(self, windows):
+        """windows (P, K) characters -> (P, K) lexicon row of the first k characters, or -1: a walk down the
+        trie."""
+        node, ids = torch.ones_like(windows[:, 0]), []
+        for t in range(windows.shape[1]):
+            node = self.trie_child[node, windows[:, t]]
+            ids.append(self.trie_entry[node])
+        return torch.stack(ids, 1)
+
+    # --- the log-probabilities
+    def gates(self, h, room):
+        """h (P, E), room (P,) -> log g, log (1 - g) (P,), with g = 0 where no entry fits."""
+        fits, gate = room >= self.entry_len.min(), self.gate(h).squeeze(-1)
+        return torch.where(fits, F.logsigmoid(gate), NEG), torch.where(fits, F.logsigmoid(-gate), 0.0)
+
+    def log_first(self, h, room):
+        """h (P, E), room (P,) -> (P, groups): log p(a | h), renormalised over the groups with an entry that
+        fits."""
+        logits = self.first(h)[:, self.firsts]                                          # (P, groups)
+        return F.log_softmax(logits.masked_fill(self.group_min_len > room[:, None], NEG), -1)
+
+    def scores(self, h, rows=slice(None)):
+        """h (P, E) -> (P, entries in rows): score_e(h) = <W h, m_e> + b_e."""
+        return F.linear(self.key(h), self.values[rows], self.bias[rows])
+
+    def log_probs(self, h, room, windows):
+        """h (P, E), room (P,), windows (P, K) the characters after each start -> lex (P, K):
+        log p_lex(first k characters of the window | h) (NEG where they are not an entry), and log g,
+        log (1 - g) (P,)."""
+        ids = self.entry_ids(windows)                                                    # (P, K)
+        if self.factor:  # log p(a | h) - log Z_a(h, r) for the group a of the next character, group by group
+            group = self.group_of_char[windows[:, 0]]                                    # (P,), -1: none
+            log_norm = h.new_zeros(len(h))
+            for a, (lo, hi) in enumerate(self.groups):
+                rows = (group == a).nonzero().squeeze(1)
+                if len(rows):
+                    s = self.scores(h[rows], slice(lo, hi))                              # (P_a, |G_a|)
+                    too_long = self.entry_len[lo:hi] > room[rows, None]
+                    log_norm = log_norm.index_put((rows,), s.masked_fill(too_long, NEG).logsumexp(-1))
+            offset = self.log_first(h, room).gather(1, group.clamp(min=0)[:, None]).squeeze(1) - log_norm
+        else:            # - log Z(h, r) over all the entries that fit: a (P, M) product
+            too_long = self.entry_len[None, :] > room[:, None]                           # (P, M)
+            offset = -self.scores(h).masked_fill(too_long, NEG).logsumexp(-1)
+        hit = ids >= 0
+        rows, e = hit.nonzero()[:, 0], ids[hit]                                          # (hits,) each
+        score = (self.key(h)[rows] * self.values[e]).sum(-1) + self.bias[e]
+        lex = torch.full(ids.shape, NEG, dtype=h.dtype, device=h.device)
+        lex = lex.index_put((hit,), score + offset[rows])
+        return (lex,) + self.gates(h, room)
+
+    def all_log_probs(self, h, room):
+        """h (N, E), room (N,) -> (N, M): log p_lex(e | h) of every entry (NEG for those that do not fit);
+        for the sampler and the tests (M scores per row)."""
+        too_long = self.entry_len[None, :] > room[:, None]
+        s = self.scores(h).masked_fill(too_long, NEG)                                    # (N, M)
+        if not self.factor:
+            return s.log_softmax(-1).masked_fill(too_long, NEG)
+        log_norm = torch.stack([s[:, lo:hi].logsumexp(-1) for lo, hi in self.groups], 1)  # (N, groups)
+        log_p = self.log_first(h, room) - log_norm
+        return (s + log_p[:, self.entry_group]).masked_fill(too_long, NEG)
 
 
 # ----------------------------------------------------------------------------- model
@@ -416,18 +457,22 @@ class Model(nn.Module):
         vocab_size, space = len(itos), itos.index(" ") if " " in itos else -1
         self.itos = itos  # the characters: a segmentation is written and scored as text
         self.V, self.max_piece, self.space = vocab_size, cfg.max_piece, space
-        self.spaces, self.reinforce, self.train_samples = cfg.segmenter == "spaces", cfg.estimator == "reinforce", cfg.train_samples
-        self.piece_cost, self.length_penalty, self.length_exponent = cfg.piece_cost, cfg.length_penalty, cfg.length_exponent
+        self.spaces, self.reinforce = cfg.segmenter == "spaces", cfg.estimator == "reinforce"
+        self.train_samples, self.piece_cost = cfg.train_samples, cfg.piece_cost
+        self.length_penalty, self.length_exponent = cfg.length_penalty, cfg.length_exponent
         self.embed = nn.Embedding(vocab_size, E)
         self.context = nn.GRU(E, E, batch_first=True)
         self.piece_init = nn.Linear(E, D)
         self.piece_start = nn.Parameter(torch.randn(E))  # the input before a piece's first character
         self.piece_cell = nn.GRUCell(E, D)
         self.piece_out = nn.Linear(D, vocab_size)
-        self.piece_context = nn.Linear(E, 3 * D, bias=False) if cfg.piece_context else None  # added to every input
-        self.register_buffer("never", torch.zeros(vocab_size).index_fill(0, torch.tensor(data.BOS), -math.inf),
-                             persistent=False)
-        self.memory = LexicalMemory(lexicon, vocab_size, E, cfg.lex_key, cfg.lex_factor) if len(lexicon) else None
+        # U of --piece-context: U h_i is added to the piece GRU's input at every character
+        self.piece_context = nn.Linear(E, 3 * D, bias=False) if cfg.piece_context else None
+        # -inf at <bos>, 0 elsewhere, added to the piece GRU's logits: no piece holds <bos>
+        no_bos = torch.zeros(vocab_size).index_fill(0, torch.tensor(data.BOS), -math.inf)
+        self.register_buffer("no_bos", no_bos, persistent=False)
+        self.memory = (LexicalMemory(lexicon, vocab_size, E, cfg.lex_key, cfg.lex_factor) if len(lexicon)
+                       else None)
         if self.reinforce:  # q has its own embedding: REINFORCE noise never reaches p's
             self.seg_embed = nn.Embedding(vocab_size, E)
             self.seg_rnn = nn.GRU(E, E, batch_first=True, bidirectional=cfg.parser == "bi")
@@ -453,9 +498,9 @@ class Model(nn.Module):
         return self.piece_context(h) if self.piece_context is not None else 0.0
 
     def piece_states(self, x, live, h):
-        """The piece GRU's state after each character of every window: (P, K, D), started from tanh(W h_i) with
-        the input piece_start, then c_{i+1} .. c_{i+K-1}; the input half of a character is computed once per
-        character of the caption, not once per window."""
+        """The piece GRU's state after each character of every window: (P, K, D), started from tanh(W h_i)
+        with the input piece_start, then c_{i+1} .. c_{i+K-1}; the input half of a character is computed once
+        per character of the caption, not once per window."""
         K = self.max_piece
         gates_in = self.piece_input(self.embed(F.pad(x, (0, K))))                           # (B, L+K, 3D)
         b, i = live.nonzero(as_tuple=True)
@@ -467,23 +512,25 @@ class Model(nn.Module):
         return torch.stack(states, 1)
 
     def piece_scores(self, x):
-        """x (B, L) -> scores (B, L, K): log p(piece c_{i+1..i+k} | h_i) at [b, i, k-1] (NEG past the caption's
-        end), and closing (B, L): log p(empty piece | h_i) (0 at i = L-1: the end is forced there)."""
+        """x (B, L) -> scores (B, L, K): log p(piece c_{i+1..i+k} | h_i) at [b, i, k-1] (NEG past the
+        caption's end), and closing (B, L): log p(empty piece | h_i) (0 at i = L-1: the end is forced
+        there)."""
         B, L = x.shape
-        n, i, k = data.num_chars(x), torch.arange(L, device=x.device), torch.arange(1, self.max_piece + 1, device=x.device)
-        room = (L - 1 - i).clamp(max=self.max_piece)                                     # (L,) characters a piece may hold
-        live = (i <= n[:, None]) & (room > 0)                                    # (B, L) starts decoded
-        windows = F.pad(x, (0, self.max_piece), value=data.PAD).unfold(1, self.max_piece, 1)[:, :L][live]  # (P, K)
-        h, room = self.contexts(x)[live], room.expand(B, L)[live]               # (P, E), (P,)
-        log_p = F.log_softmax(self.piece_out(self.piece_states(x, live, h)) + self.never, -1)     # (P, K, V)
-        chars, stop = log_p.gather(-1, windows.unsqueeze(-1)).squeeze(-1), log_p[..., data.PAD]    # (P, K) each
+        K, n = self.max_piece, data.num_chars(x)
+        i, k = torch.arange(L, device=x.device), torch.arange(1, K + 1, device=x.device)
+        room = (L - 1 - i).clamp(max=K)                                     # (L,) characters a piece may hold
+        live = (i <= n[:, None]) & (room > 0)                               # (B, L) starts decoded
+        windows = F.pad(x, (0, K), value=data.PAD).unfold(1, K, 1)[:, :L][live]  # (P, K)
+        h, room = self.contexts(x)[live], room.expand(B, L)[live]           # (P, E), (P,)
+        log_p = F.log_softmax(self.piece_out(self.piece_states(x, live, h)) + self.no_bos, -1)  # (P, K, V)
+        chars, stop = log_p.gather(-1, windows.unsqueeze(-1)).squeeze(-1), log_p[..., data.PAD]  # (P, K) each
         pieces = chars.cumsum(-1) + torch.where(k < room[:, None], F.pad(stop[:, 1:], (0, 1)), 0.0)
         empty = stop[:, 0]
         if self.memory is not None:  # g p_lex + (1 - g) p_chars
-            lex, log_g, log_not_g = self.memory.log_probs(h, room, windows)                          # (P, K), (P,) x2
+            lex, log_g, log_not_g = self.memory.log_probs(h, room, windows)      # (P, K), (P,) x2
             pieces = torch.logaddexp(log_g[:, None] + lex, log_not_g[:, None] + pieces)
             empty = log_not_g + empty
-        scores = pieces.new_full((B, L, self.max_piece), NEG)
+        scores = pieces.new_full((B, L, K), NEG)
         scores[live] = pieces
         scores = scores.masked_fill(i[:, None] + k > n[:, None, None], NEG)
         closing = pieces.new_full((B, L), NEG)
@@ -504,9 +551,9 @@ class Model(nn.Module):
         return self.cut(self.seg_rnn(self.seg_embed(x))[0]).squeeze(-1)
 
     def draw_cuts(self, x, n_samples, uniform=None, drawn=None, greedy=False):
-        """x (B, L) -> cuts (n_samples, B, L) from q (or `drawn`; or q's likelier decision at each character if
-        greedy) and log q(cuts|x) (n_samples, B). Noise: `uniform` (n_samples, B, L) draws in [0, 1), else the
-        CPU RNG (training: a checkpoint's torch_rng replays it)."""
+        """x (B, L) -> cuts (n_samples, B, L) from q (or `drawn`; or q's likelier decision at each character
+        if greedy) and log q(cuts|x) (n_samples, B). Noise: `uniform` (n_samples, B, L) draws in [0, 1), else
+        the CPU RNG (training: a checkpoint's torch_rng replays it)."""
         logits = self.cut_logits(x).expand(n_samples, -1, -1)
         if greedy:
             drawn = logits > 0
@@ -518,8 +565,9 @@ class Model(nn.Module):
         return cuts, torch.where(free, log_q, 0.0).sum(-1)
 
     def loss(self, x, drawn=None):
-        """x (B, L) -> (B,) training loss: -log p(x) (exact), -log p(x, z_spaces) (spaces), or the -ELBO estimate
-        from --train-samples draws of q (reinforce; gradient pathwise for p, REINFORCE with a leave-one-out baseline for q)."""
+        """x (B, L) -> (B,) training loss: -log p(x) (exact), -log p(x, z_spaces) (spaces), or the -ELBO
+        estimate from --train-samples draws of q (reinforce; gradient pathwise for p, REINFORCE with a
+        leave-one-out baseline for q)."""
         if not (self.spaces or self.reinforce):
             log_px, (scores, _, _, n) = self.log_prob(x, self.piece_cost)
             return -log_px + self.length_cost(scores, n)
@@ -531,11 +579,13 @@ class Model(nn.Module):
         log_p = log_joint(ends, closing, n, cuts)                                        # (n_samples, B)
         # the ELBO's -grad log q term has expectation zero and only adds variance: left out
         surrogate = common.reinforce_surrogate(log_q, (log_p - log_q).detach())
-        return -(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach()) + self.length_cost(scores, n)
+        return (-(log_p - log_q.detach()).mean(0) - (surrogate - surrogate.detach())
+                + self.length_cost(scores, n))
 
     def length_cost(self, scores, n):
-        """(B,) lambda * sum over the pieces of p(piece | x) |piece|^beta (--length-penalty, --length-exponent):
-        the exact posteriors of p's chart (reinforce too); a training term only, 0 when lambda = 0."""
+        """(B,) lambda * sum over the pieces of p(piece | x) |piece|^beta (--length-penalty,
+        --length-exponent): the exact posteriors of p's chart (reinforce too); a training term only, 0 when
+        lambda = 0."""
         if not self.length_penalty:
             return 0.0
         return self.length_penalty * expected_length_cost(scores, n, self.length_exponent)
@@ -544,16 +594,19 @@ class Model(nn.Module):
 def check_flags(cfg):
     """The flag combinations this model refuses, in one place (before any file is written)."""
     if cfg.compile:  # its chart is a Python loop over up to 99 characters: inductor took minutes, then failed
-        raise RunError("--compile is not supported by dlm107 (its chart loop compiles for many minutes on a CPU)")
+        raise RunError("--compile is not supported by dlm107 "
+                       "(its chart loop compiles for many minutes on a CPU)")
     if (cfg.lex_max or cfg.max_piece) > cfg.max_piece or cfg.lex_min > (cfg.lex_max or cfg.max_piece):
-        raise RunError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, {cfg.lex_max or cfg.max_piece}, "
-                       f"{cfg.max_piece}")
+        raise RunError(f"need --lex-min <= --lex-max <= --max-piece, got {cfg.lex_min}, "
+                       f"{cfg.lex_max or cfg.max_piece}, {cfg.max_piece}")
     if cfg.segmenter == "spaces" and (cfg.estimator == "reinforce" or cfg.no_spaces):
-        raise RunError("--segmenter spaces cuts after the spaces: not with --estimator reinforce or --no-spaces")
+        raise RunError("--segmenter spaces cuts after the spaces: "
+                       "not with --estimator reinforce or --no-spaces")
     if cfg.segment_out and not cfg.segment:
         raise RunError("--segment-out names the output of --segment FILE")
     if cfg.segment and (cfg.resume or cfg.eval_only or cfg.sample_only or cfg.overwrite):
-        raise RunError("--segment reads a trained run: not with --resume, --eval-only, --sample-only or --overwrite")
+        raise RunError("--segment reads a trained run: "
+                       "not with --resume, --eval-only, --sample-only or --overwrite")
     if cfg.dtype == "bfloat16":  # the chart writes float32 sums into its tables
         raise RunError("--dtype bfloat16 is not supported by dlm107 (its chart keeps float32 tables)")
 
@@ -567,8 +620,9 @@ def build_model(vocab, train, cfg):
 # ----------------------------------------------------------------------------- segmentation scores
 # The word-discovery protocol of Goldwater, Griffiths & Johnson (2009): a segmentation is the list of words of
 # each caption *without its spaces*, scored against the true words three ways, each summed over the split:
-# boundaries inside a caption (its two edges are free, so not counted), word tokens (right when both ends are
-# true boundaries and none lies inside), and word types (the set of distinct words found against the true set).
+# boundaries inside a caption (its two edges are free, so not counted), word tokens (right when both ends
+# are true boundaries and none lies inside), and word types (the set of distinct words found against the
+# true set).
 def words_of(symbols, cut_after, space=" "):
     """A caption's symbols and a cut flag after each -> the words the cuts imply in the caption without its
     spaces. Spaces belong to no word, and a cut anywhere in a run of spaces is a boundary there:
@@ -583,26 +637,30 @@ def words_of(symbols, cut_after, space=" "):
 
 def spans_of(words):
     """[(start, end)] of each word in the caption without its spaces: [ab, c] -> [(0, 2), (2, 3)]."""
-    ends = list(itertools.accumulate(len(w) for w in words))
+    ends = list(itertools.accumulate(len(word) for word in words))
     return list(zip([0] + ends[:-1], ends))
 
 
 def precision_recall_f1(name, right, found, true):
-    p, r = right / found if found else 0.0, right / true if true else 0.0
-    return {f"{name}_precision": p, f"{name}_recall": r, f"{name}_f1": 2 * p * r / (p + r) if p + r else 0.0}
+    """`right` of the `found` items are among the `true` ones -> name_precision, name_recall, name_f1."""
+    precision, recall = right / found if found else 0.0, right / true if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {f"{name}_precision": precision, f"{name}_recall": recall, f"{name}_f1": f1}
 
 
 def segmentation_scores(found, gold, prefix=""):
     """found, gold: the words of each caption (lists of lists of strings, the same text caption by caption) ->
     boundary_, token_ and type_ precision, recall and F1 (a ratio over nothing is 0)."""
-    right, n_found, n_true = [0, 0], [0, 0], [0, 0]  # of boundaries, of tokens
+    right, n_found, n_true = [0, 0], [0, 0], [0, 0]  # [boundaries, tokens] each
     for found_words, true_words in zip(found, gold):
         found_spans, true_spans = spans_of(found_words), spans_of(true_words)
         found_cuts, true_cuts = {end for _, end in found_spans[:-1]}, {end for _, end in true_spans[:-1]}
-        right[0], right[1] = right[0] + len(found_cuts & true_cuts), right[1] + len(set(found_spans) & set(true_spans))
+        right[0] += len(found_cuts & true_cuts)
+        right[1] += len(set(found_spans) & set(true_spans))
         n_found[0], n_found[1] = n_found[0] + len(found_cuts), n_found[1] + len(found_spans)
         n_true[0], n_true[1] = n_true[0] + len(true_cuts), n_true[1] + len(true_spans)
-    found_types, true_types = {w for ws in found for w in ws}, {w for ws in gold for w in ws}
+    found_types = {word for words in found for word in words}
+    true_types = {word for words in gold for word in words}
     scores = (precision_recall_f1("boundary", right[0], n_found[0], n_true[0])
               | precision_recall_f1("token", right[1], n_found[1], n_true[1])
               | precision_recall_f1("type", len(found_types & true_types), len(found_types), len(true_types)))
@@ -616,7 +674,8 @@ def caption_words(model, x, cuts, gold=None):
     for ids, cut, n in zip(x.tolist(), cuts.tolist(), data.num_chars(x).tolist()):
         symbols = [model.itos[i] for i in ids[:n]]
         found.append(words_of(symbols, cut[:n]))
-        true.append(words_of(symbols, gold[len(true)][:n].tolist()) if gold is not None else "".join(symbols).split())
+        true.append(words_of(symbols, gold[len(true)][:n].tolist()) if gold is not None
+                    else "".join(symbols).split())
     return found, true
 
 
@@ -624,37 +683,41 @@ def caption_words(model, x, cuts, gold=None):
 @torch.no_grad()
 def evaluate(model, x, cfg, device, full=True, gold=None):
     """Exact -log p(x) per caption (file order), and extras: the Viterbi segmentation (its words, caption by
-    caption) and its scores against the true words (gold: the removed spaces with --no-spaces). reinforce adds
-    -ELBO (--train-samples draws), with `full` (the test) the IW bound from --iw-samples draws, KL(q || p(z|x))
-    and q's segmentation; spaces adds its joint. Each caption's draws are its own (common.caption_noise), so no
-    number depends on --eval-batch-size."""
+    caption) and its scores against the true words (gold: the removed spaces with --no-spaces). reinforce
+    adds -ELBO (--train-samples draws), with `full` (the test) the IW bound from --iw-samples draws,
+    KL(q || p(z|x)) and q's segmentation; spaces adds its joint. Each caption's draws are its own
+    (common.caption_noise), so no number depends on --eval-batch-size."""
     model.eval()
     nll, sums, words = [], {}, {"": [], "true": [], "q_": []}
     draws, cut_rate = (cfg.iw_samples if full else model.train_samples), torch.zeros(2)
     for start in range(0, len(x), cfg.eval_batch_size):
         batch = x[start:start + cfg.eval_batch_size].to(device)
-        g = None if gold is None else gold[start:start + len(batch)]
+        batch_gold = None if gold is None else gold[start:start + len(batch)]
         log_px, (scores, ends, closing, n) = model.log_prob(batch)
         best = viterbi_segmentation(ends, n)[1]
         nll.append(-log_px.double().cpu())
-        found, true = caption_words(model, batch.cpu(), best.cpu(), g)
+        found, true = caption_words(model, batch.cpu(), best.cpu(), batch_gold)
         words[""], words["true"] = words[""] + found, words["true"] + true
-        inner = torch.arange(batch.shape[1], device=device) < n[:, None] - 1  # a cut after the last is no choice
+        # the cut rate counts the cuts that are a choice: a cut after the last character is not
+        inner = torch.arange(batch.shape[1], device=device) < n[:, None] - 1
         cut_rate += torch.tensor([(best & inner).sum().item(), inner.sum().item()])
         if model.spaces:
             joint = log_joint(ends, closing, n, force_cuts(batch == model.space, n, model.max_piece)[0])
             sums["joint_nlpps"] = sums.get("joint_nlpps", 0.0) - joint.sum().item()
         if model.reinforce:
-            uniform = common.caption_noise(start, len(batch), lambda g: torch.rand(draws, x.shape[1], generator=g))
+            uniform = common.caption_noise(
+                start, len(batch), lambda generator: torch.rand(draws, x.shape[1], generator=generator))
             log_w = []  # log p(x, z) - log q(z | x), --train-samples draws at a time: memory as in training
             for chunk in uniform.transpose(0, 1).split(model.train_samples):  # (S, B, L)
                 cuts, log_q = model.draw_cuts(batch, len(chunk), uniform=chunk)
                 log_w.append((log_joint(ends, closing, n, cuts) - log_q).double().cpu())
             log_w = torch.cat(log_w)                                                  # (draws, B)
-            sums["elbo_nlpps"] = sums.get("elbo_nlpps", 0.0) - log_w[:model.train_samples].mean(0).sum().item()
+            elbo = log_w[:model.train_samples].mean(0)                                # (B,)
+            sums["elbo_nlpps"] = sums.get("elbo_nlpps", 0.0) - elbo.sum().item()
             if full:
                 sums["iw_nlpps"] = sums.get("iw_nlpps", 0.0) - common.logmeanexp(log_w, 0).sum().item()
-            words["q_"] += caption_words(model, batch.cpu(), model.draw_cuts(batch, 1, greedy=True)[0][0].cpu(), g)[0]
+            q_cuts = model.draw_cuts(batch, 1, greedy=True)[0][0]  # q's likelier decision at each character
+            words["q_"] += caption_words(model, batch.cpu(), q_cuts.cpu(), batch_gold)[0]
     model.train()
     nll = torch.cat(nll)
     extra = {"bound": "exact"} | {k: v / len(x) for k, v in sums.items()}
@@ -676,9 +739,11 @@ def sample(model, n, cfg, device, generator, slots=data.SLOTS):
         probs = torch.softmax(logits.float() / cfg.temperature, -1).cpu()
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
 
-    x = torch.full((n, slots + 1), data.PAD, dtype=torch.long, device=device)  # + a spare column for non-writes
+    # the captions and their cuts, + a spare column for non-writes
+    x = torch.full((n, slots + 1), data.PAD, dtype=torch.long, device=device)
     cuts = torch.zeros(n, slots + 1, dtype=torch.bool, device=device)
-    pos, done, rows = torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device), torch.arange(n, device=device)
+    pos, rows = torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     out, state = model.context(model.embed(torch.full((n, 1), data.BOS, device=device)))
     h = out[:, 0]
     while True:
@@ -686,31 +751,37 @@ def sample(model, n, cfg, device, generator, slots=data.SLOTS):
         done |= room == 0
         if done.all():
             break
-        piece, length = torch.full((n, model.max_piece), data.PAD, dtype=torch.long, device=device), torch.zeros_like(pos)
-        chars = ~done
+        piece = torch.full((n, model.max_piece), data.PAD, dtype=torch.long, device=device)
+        length = torch.zeros_like(pos)
+        spelling = ~done  # the captions whose piece the piece GRU spells, character by character
         if model.memory is not None:
             memory = model.memory
-            g = torch.where(room >= memory.entry_len.min(), (memory.gate(h).squeeze(-1) / cfg.temperature).sigmoid(), 0.0)
-            use = ~done & (torch.rand(n, generator=generator).to(device) < g)
+            gate_logit = memory.gate(h).squeeze(-1) / cfg.temperature
+            p_lexicon = torch.where(room >= memory.entry_len.min(), gate_logit.sigmoid(), 0.0)  # g(h)
+            from_lexicon = ~done & (torch.rand(n, generator=generator).to(device) < p_lexicon)
             entry = draw(memory.all_log_probs(h, room))  # an entry that fits, from p_lex(. | h)
-            piece[use, :memory.lexicon.shape[1]] = memory.lexicon[entry[use]]
-            length, chars = torch.where(use, memory.entry_len[entry], 0), chars & ~use
-        s, inputs, context = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1), model.piece_context_gates(h)
-        for t in range(model.max_piece):  # the piece GRU, for the captions that took it; its end at `room` is forced
-            chars &= t < room
-            if not chars.any():
+            piece[from_lexicon, :memory.lexicon.shape[1]] = memory.lexicon[entry[from_lexicon]]
+            length = torch.where(from_lexicon, memory.entry_len[entry], 0)
+            spelling &= ~from_lexicon
+        piece_state, inputs = torch.tanh(model.piece_init(h)), model.piece_start.expand(n, -1)
+        context = model.piece_context_gates(h)
+        # the piece GRU, for the captions that took it; its end at `room` is forced
+        for t in range(model.max_piece):
+            spelling &= t < room
+            if not spelling.any():
                 break
-            s = model.piece_step(model.piece_input(inputs) + context, s)
-            symbol = draw(model.piece_out(s) + model.never)
-            done |= chars & (symbol == data.PAD) & (t == 0)  # the empty piece ends the caption
-            chars &= symbol != data.PAD
-            piece[chars, t], length = symbol[chars], length + chars
+            piece_state = model.piece_step(model.piece_input(inputs) + context, piece_state)
+            symbol = draw(model.piece_out(piece_state) + model.no_bos)
+            done |= spelling & (symbol == data.PAD) & (t == 0)  # the empty piece ends the caption
+            spelling &= symbol != data.PAD
+            piece[spelling, t], length = symbol[spelling], length + spelling
             inputs = model.embed(symbol)
         for t in range(int(length.max())):  # write the piece and let the context GRU read it
             on = t < length
             x[rows, torch.where(on, pos + t, slots)] = piece[:, t]
-            out, new = model.context(model.embed(piece[:, t:t + 1]), state)
-            state, h = torch.where(on[None, :, None], new, state), torch.where(on[:, None], out[:, 0], h)
+            out, new_state = model.context(model.embed(piece[:, t:t + 1]), state)
+            state = torch.where(on[None, :, None], new_state, state)
+            h = torch.where(on[:, None], out[:, 0], h)
         cuts[rows, torch.where(length > 0, pos + length - 1, slots)] = True
         pos += length
     model.train()
@@ -730,9 +801,10 @@ def show_segments(model, vocab, shown, run_dir):
     model.eval()
     _, (scores, ends, _, n) = model.log_prob(shown)
     best = viterbi_segmentation(ends, n)[1]
-    lines = [f"[SEGMENT] {with_cuts(vocab, *s)}" for s in zip(shown, best)]
+    lines = [f"[SEGMENT] {with_cuts(vocab, ids, cuts)}" for ids, cuts in zip(shown, best)]
     if model.reinforce:
-        lines += [f"[SEGMENT q] {with_cuts(vocab, *s)}" for s in zip(shown, model.draw_cuts(shown, 1, greedy=True)[0][0])]
+        q_cuts = model.draw_cuts(shown, 1, greedy=True)[0][0]  # q's likelier decision at each character
+        lines += [f"[SEGMENT q] {with_cuts(vocab, ids, cuts)}" for ids, cuts in zip(shown, q_cuts)]
     model.train()
     plot_segments(vocab, shown, cut_probabilities(scores, n), best, run_dir)
     return lines
@@ -740,13 +812,15 @@ def show_segments(model, vocab, shown, run_dir):
 
 def plot_segments(vocab, shown, cut_probs, best, folder):
     fig, axes = plt.subplots(len(shown), 1, figsize=(14, 1.8 * len(shown)), squeeze=False)
-    for ax, ids, p, cuts in zip(axes[:, 0], shown.cpu(), cut_probs.cpu(), best.cpu()):
+    for ax, ids, cut_prob, cuts in zip(axes[:, 0], shown.cpu(), cut_probs.cpu(), best.cpu()):
         chars = [vocab.decode(ids[t:t + 1]) for t in range(int(data.num_chars(ids[None])))]
-        ax.bar(range(len(chars)), p[:len(chars)].numpy(), color=["tab:orange" if c == " " else "tab:blue" for c in chars])
+        colors = ["tab:orange" if c == " " else "tab:blue" for c in chars]
+        ax.bar(range(len(chars)), cut_prob[:len(chars)].numpy(), color=colors)
         ax.plot([t for t in range(len(chars)) if cuts[t]], [1.02] * int(cuts.sum()), "kv", markersize=3)
         ax.set_xticks(range(len(chars)), [c.replace(" ", "_") for c in chars], fontsize=7)
         ax.set(ylim=(0, 1.08), xlim=(-1, data.SLOTS - 1), ylabel="p(cut)")
-    axes[0, 0].set_title("posterior probability of a cut after each character (orange: a space; v: Viterbi cuts)")
+    axes[0, 0].set_title("posterior probability of a cut after each character "
+                         "(orange: a space; v: Viterbi cuts)")
     fig.tight_layout()
     fig.savefig(folder / "segments.png", dpi=100)
     plt.close(fig)
@@ -769,10 +843,11 @@ def segment_file(cfg, path, out=None):
         raise RunError(f"cannot read --segment {path}: {getattr(e, 'strerror', None) or e}") from None
     lines = [line.replace(" ", "") if cfg.no_spaces else line for line in lines]
     unseen = sorted({c for line in lines for c in line} - set(vocab.itos))
-    long = sum(len(line) > data.SLOTS - 1 for line in lines)
-    if unseen or long:
+    too_long = sum(len(line) > data.SLOTS - 1 for line in lines)
+    if unseen or too_long:
         print(f"note: {len(unseen)} characters unseen in training, read as <unk>: "
-              f"{', '.join(map(repr, unseen[:20]))}; {long} lines cut at {data.SLOTS - 1} characters", file=sys.stderr)
+              f"{', '.join(map(repr, unseen[:20]))}; {too_long} lines cut at {data.SLOTS - 1} characters",
+              file=sys.stderr)
     x = torch.tensor([vocab.encode(line) for line in lines], dtype=torch.long).view(-1, data.SLOTS)
     words = []
     for batch in data.batches(x, cfg.eval_batch_size):
@@ -786,8 +861,8 @@ def segment_file(cfg, path, out=None):
 
 
 # ============================================================================= the run
-# The same text in every script of the family, but for the lines where a model needs more (a test checks that
-# each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+# The same text in every script of the family, but for the lines where a model needs more (a test checks
+# that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
 RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
 
 
@@ -797,54 +872,50 @@ def as_flag(name, value):
     return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
 
-def settings_from(ckpt, cfg, given):
-    """The settings of a run, read from its checkpoint: every flag but RUN_FLAGS (--resume may give a new
-    --epochs, which its lr schedule then spans). Typing one of them with another value is refused."""
+def open_run(argv):
+    """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
+    folder). A checkpoint's settings are all but RUN_FLAGS (--resume may give a new --epochs); typing one of
+    them with another value is refused."""
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    if cfg.sample_only and not cfg.show_samples:
+        raise RunError("--sample-only with --show-samples 0 would print nothing")
+    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
+    if not (cfg.resume or cfg.eval_only or cfg.sample_only):
+        return cfg, None, run_dir
+    ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
     fields = Config.__dataclass_fields__
     saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
              and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
     for k in sorted(given & saved.keys()):
         if saved[k] != getattr(cfg, k):
-            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, saved[k])}: "
-                           "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
-    return dataclasses.replace(cfg, **saved)
-
-
-def open_run(argv):
-    """Flags -> (settings, the checkpoint that --resume, --eval-only or --sample-only reads (else None), the
-    run folder). Nothing is written yet."""
-    cfg, given = common.parse_flags(Config, __doc__, argv)
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
-    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
-    if len(modes) > 1:
-        raise RunError("use only one of " + ", ".join(modes))
-    if cfg.sample_only and not cfg.show_samples:
-        raise RunError("--sample-only with --show-samples 0 would print nothing")
-    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
-        cfg = settings_from(ckpt, cfg, given)
-    return cfg, ckpt, run_dir
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's "
+                           f"{as_flag(k, saved[k])}: a checkpoint keeps its settings; drop the flag, or "
+                           "train a new --run-name")
+    return dataclasses.replace(cfg, **saved), ckpt, run_dir
 
 
 def load_data(cfg, ckpt, run_dir):
-    """The vocabulary, the splits and their files' SHA-256; a run goes on with the data it was trained on, or
-    not at all. A plain-text corpus is custom data by construction."""
-    vocab, splits, sha256, data_info = data.load(cfg.data_dir or None, cfg.custom_data, cfg.no_spaces)
+    """The vocabulary, splits, files' SHA-256 and what data.py found; a run goes on with the data it was
+    trained on, or not at all."""
+    vocab, splits, sha256, found = data.load(cfg.data_dir or None, cfg.custom_data, cfg.no_spaces)
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
         changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
                          if sha256.get(name) != ckpt["data_sha256"].get(name))
-        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
-                       "trained on (SHA-256): pass the --data-dir it used")
-    return vocab, splits, sha256, data_info
+        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} "
+                       "was trained on (SHA-256): pass the --data-dir it used")
+    return vocab, splits, sha256, found
 
 
 def pick_device(name):
     """auto: CUDA if present, else MPS, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
         raise RunError(f"--device {name} was asked for but is not available here")
     return torch.device(name)
 
@@ -857,48 +928,37 @@ def lr_at(step, total_steps, cfg):
 
 
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never leaves
-    a half-written checkpoint, and the previous one stays."""
+    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never
+    leaves a half-written checkpoint, and the previous one stays."""
     buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
     torch.save(state, buffer)
     try:
         tmp.write_bytes(buffer.getbuffer())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
         raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
-    except KeyboardInterrupt:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = ("it has no best checkpoint yet: --resume continues it" if (path.parent / "ckpt_last.pt").is_file()
-                else "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir()
-                else "check --out-dir and --run-name")
+        hint = ("it has no best checkpoint yet: --resume continues it"
+                if (path.parent / "ckpt_last.pt").is_file()
+                else "a run stopped before its first checkpoint? --overwrite starts it afresh"
+                if path.parent.is_dir() else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # empty, truncated, random bytes, a pickle with code in it
-        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this project)") from None
+        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this "
+                       "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     return state
-
-
-def restore(model, optimizer, order, ckpt, cfg, run_dir):
-    """Load a checkpoint's weights, and for --resume the optimizer and both random streams as they were."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        if cfg.resume:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            order.set_state(ckpt["epoch_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
 
 
 @contextlib.contextmanager
@@ -921,8 +981,8 @@ def lock_run_folder(run_dir):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM while training: the list it yields gets the signal, and the loop finishes its step,
-    saves and stops; a second signal stops at once."""
+    """Ctrl-C or SIGTERM while training lands in the list this yields: the loop finishes its step, saves and
+    stops. A second one stops at once."""
     requests = []
 
     def request_stop(signum, frame):
@@ -938,31 +998,30 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def read_metrics(run_dir):
-    """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
+def read_metrics(run_dir, keep=None):
+    """metrics.jsonl's records, without a torn line (the process was killed while writing it); with `keep`,
+    the file is rewritten with the records keep(record) accepts."""
     path, records = run_dir / "metrics.jsonl", []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
+    if keep:
+        records = [r for r in records if keep(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def keep_records(run_dir, keep):
-    """Rewrite metrics.jsonl with the records `keep` accepts (and without a torn last line)."""
-    records = [r for r in read_metrics(run_dir) if keep(r)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def prepare_run_folder(run_dir, cfg, ckpt):
-    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past its
-    checkpoint, which it is about to replay, and its old test record: the run ends with a new one."""
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
+    its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
     if ckpt is not None:
-        return keep_records(run_dir, lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+        return read_metrics(run_dir, keep=lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
     if old and not cfg.overwrite:
         what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
                            else ("a run stopped before its first checkpoint", ""))
-        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start it afresh")
+        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start "
+                       "it afresh")
     for path in old:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
@@ -981,10 +1040,10 @@ def plot_curves(run_dir, title):
     """curves.png: train and val NLPPS against epoch, from metrics.jsonl."""
     records = read_metrics(run_dir)
     fig, (ax, segmentation) = plt.subplots(1, 2, figsize=(11, 4))  # and beside it, the val segmentation
-    for key in ("boundary_f1", "token_f1", "cut_rate"):
-        points = np.array([(r["epoch"], r[key]) for r in records if r["kind"] == "val" and key in r]).reshape(-1, 2)
-        segmentation.plot(points[:, 0], points[:, 1], "o-", markersize=3, label=f"val {key}")
-    segmentation.set(xlabel="epoch", title="segmentation (Viterbi cuts vs. words)")
+    for key in ("boundary_f1", "token_f1", "type_f1", "cut_rate"):
+        points = np.array([(r["epoch"], r[key]) for r in records if r["kind"] == "val" and key in r])
+        segmentation.plot(*points.reshape(-1, 2).T, "o-", markersize=3, label=f"val {key}")
+    segmentation.set(xlabel="epoch", title="segmentation (Viterbi words vs. true words)")
     segmentation.grid(alpha=0.3)
     segmentation.legend()
     for kind, style in (("train", ".-"), ("val", "o-")):
@@ -999,21 +1058,23 @@ def plot_curves(run_dir, title):
 
 
 def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
-    """Score a split: the eval line, its metrics record (with the run's `progress`: step, epoch, parameters,
-    training seconds), for test the per-caption nats compare.py reads. Returns the NLPPS."""
+    """Score a split: the eval line, its record (with `progress`: step, epoch, parameters, training seconds),
+    for test the per-caption nats compare.py reads. Returns the NLPPS."""
     t0 = time.time()
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test",
                           gold=splits.get(split + "_spaces"))
     bound = extra.pop("bound")
-    (run_dir / f"segmentation_{split}.txt").write_text("".join(" ".join(w) + "\n" for w in extra.pop("words")))
+    words = extra.pop("words")  # each caption's, in file order: the file any word-segmentation scorer reads
+    (run_dir / f"segmentation_{split}.txt").write_text("".join(" ".join(w) + "\n" for w in words))
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
-    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data), ("spaces removed", cfg.no_spaces))
-                           if on)
+    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data),
+                                                 ("spaces removed", cfg.no_spaces)) if on)
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
-    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
-        f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
+    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | "
+        f"nlpps {nlpps:.2f} | bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | "
+        f"{seconds:.1f} s",
         dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
@@ -1023,8 +1084,8 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
 
 def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
     """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
-    # samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png shows
-    # the posterior probability of a cut after each of their characters
+    # samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png
+    # shows the posterior probability of a cut after each of their characters
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     ids, extra = sample(model, cfg.show_samples, cfg, device, generator)
     lines = [f"[SAMPLE] {with_cuts(vocab, s, cuts)}" for s, cuts in zip(ids, extra["cuts"])]
@@ -1035,14 +1096,6 @@ def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
         log(run_dir, line)
 
 
-def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, progress, best_val):
-    """Everything --resume needs to continue exactly (mid-epoch too: the epoch's order is replayed from
-    epoch_rng), as plain tensors and containers."""
-    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), args=dataclasses.asdict(cfg),
-                vocab=vocab.itos, data_sha256=sha256, best_val=best_val, epoch_rng=epoch_rng,
-                torch_rng=torch.get_rng_state(), **progress)
-
-
 def run(argv=None):
     cfg, ckpt, run_dir = open_run(argv)
     check_flags(cfg)
@@ -1050,8 +1103,8 @@ def run(argv=None):
         return segment_file(cfg, cfg.segment, cfg.segment_out)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
-    cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
+    vocab, splits, sha256, found = load_data(cfg, ckpt, run_dir)
+    cfg = dataclasses.replace(cfg, custom_data=found["custom"])  # (a plain-text corpus is custom data)
     train = splits["train"][: cfg.limit_train or None]
     model = build_model(vocab, train, cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
@@ -1062,37 +1115,45 @@ def run(argv=None):
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, train_seconds = 0, math.inf, 0.0
-    if ckpt is not None:
-        restore(model, optimizer, order, ckpt, cfg, run_dir)
-        step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+    try:
+        if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
+            model.load_state_dict(ckpt["model"])
+            step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+        if cfg.resume:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            order.set_state(ckpt["epoch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})"
+                       ) from None
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    def progress():  # what every record and checkpoint says of where the run is
+    def progress():  # where the run is: every record and checkpoint says it
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
 
     if cfg.sample_only or cfg.eval_only:
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
-            keep_records(run_dir, lambda r: True)  # (a torn last line would glue to the next record)
+            read_metrics(run_dir, keep=lambda r: True)  # (drops a torn last line: the next record is whole)
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        args = dataclasses.asdict(cfg) | {"data_sha256": sha256}
+        (run_dir / "args.json").write_text(json.dumps(args, indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-        log(run_dir, data_info["summary"])
+        log(run_dir, found["summary"])
         losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
         while step < last_step:
-            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from order's state
+            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
                 epoch_rng, epoch_t0 = order.get_state(), time.time()
                 epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
-            x, step_t0 = next(epoch_batches), time.time()
-            lr = lr_at(step, total_steps, cfg)
+            x, step_t0, lr = next(epoch_batches), time.time(), lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -1109,27 +1170,28 @@ def run(argv=None):
             step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
             train_seconds += time.time() - step_t0
             if step % cfg.log_every == 0 or step == 1:
-                now = time.time()
-                eta = round(train_seconds / step * (last_step - step))
+                now, eta = time.time(), round(train_seconds / step * (last_step - step))
                 log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
                     f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
                     f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                    dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
-                         seq_per_s=seen / (now - window_t0)))
+                    dict(kind="train", step=step, epoch=step / steps_per_epoch,
+                         nlpps=sum(losses) / len(losses), seq_per_s=seen / (now - window_t0)))
                 losses, seen, window_t0 = [], 0, now
             if not (stop or step == last_step or step % steps_per_epoch == 0):
                 continue
             # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
-            is_best = False
-            if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+            is_best, epoch_done = False, step % steps_per_epoch == 0
+            if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
                 if not math.isfinite(val):
-                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last good "
-                                   f"checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last "
+                                   f"good checkpoint {run_dir / 'ckpt_last.pt'} is kept")
                 is_best, best_val = val <= best_val, min(val, best_val)
-            epoch_done = step % steps_per_epoch == 0
-            state = checkpoint_state(model, optimizer, order, order.get_state() if epoch_done else epoch_rng, vocab,
-                                     sha256, cfg, progress(), best_val)
+            state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256,
+                         best_val=best_val,
+                         epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
+                         torch_rng=torch.get_rng_state(), **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
                 save_checkpoint(state, run_dir / "ckpt_best.pt")
             save_checkpoint(state, run_dir / "ckpt_last.pt")
@@ -1142,8 +1204,8 @@ def run(argv=None):
             epoch_batches = None
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
-        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | dict(step=best["step"],
-                                                                                      epoch=best["step"] / steps_per_epoch))
+        at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)
+        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | at_best)
 
 
 def main(argv=None):

@@ -6,17 +6,19 @@ z = (z_1 .. z_100), z_t in R^E, and every one of them is scored by the prior:
     p(z_t)   = (1/C) sum_k N(z_t; m_k, diag(s^2))          (C = --components; m_k and s shared by all slots)
     p(x | z) = prod_t softmax_c( <h_t, e_c> )[x_t],        h = (tanh, then conv5) applied D times to z
     q(z | x) = prod_t N(z_t; mu_t, diag(sigma^2)),         mu = (u + conv5(u)) applied D times to u = e[x]
-    sigma    = sigma_max * sigmoid(rho): rho one learned vector (or predicted per slot, --posterior-scale slot)
+    sigma    = sigma_max * sigmoid(rho): rho one learned vector
+               (or predicted per slot, --posterior-scale slot)
 
 e is the token embedding, tied between encoder input and decoder output. Two upper bounds on -log p(x):
 
     -ELBO = -E_q[ log p(x|z) + log p(z) ] - H[q]                      (H[q] in closed form)
     -IW_M = -log (1/M) sum_m p(x, z_m) / q(z_m | x),   z_m ~ q(z|x)    (-ELBO >= -IW_M >= -log p(x))
 
-Training maximises the ELBO with --samples draws of z = mu + sigma * eps (reparameterised), or with
+Training maximises the ELBO with --train-samples draws of z = mu + sigma * eps (reparameterised), or with
 --estimator reinforce (the score-function gradient with a leave-one-out baseline; z is not differentiated).
 NLPPS is -IW_64 (the tighter bound), averaged over the test captions; -ELBO is logged next to it.
-Results rows:  python dlm123_gmmvae.py   (20 epochs)   and   python dlm123_gmmvae.py --epochs 40 --run-name e40
+Results rows:  python dlm123_gmmvae.py   (20 epochs)   and
+               python dlm123_gmmvae.py --epochs 40 --run-name e40
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
 import matplotlib
 import numpy as np
 import torch
@@ -46,6 +49,8 @@ from common import flag
 
 matplotlib.use("Agg")  # figures are files; no window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
 
 SCRIPT = "dlm123_gmmvae"
 
@@ -60,26 +65,31 @@ class Config:
     components: int = flag(30, "Gaussian components C of the prior", low=1)
     depth: int = flag(3, "conv layers D of the encoder and of the decoder (width 5)", low=1)
     sigma_max: float = flag(2.5, "cap on the posterior scale", above=0)
-    posterior_scale: str = flag("dim", "posterior scale: one learned per dimension, or predicted per slot", choices=("dim", "slot"))
+    posterior_scale: str = flag("dim", "posterior scale: one learned per dimension, or predicted per slot",
+                                choices=("dim", "slot"))
     train_samples: int = flag(5, "posterior draws per caption in the training ELBO", low=1)
-    estimator: str = flag("reparam", "gradient of the ELBO: reparameterised, or REINFORCE with a leave-one-out baseline", choices=("reparam", "reinforce"))
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1, resume_may_change=True,
+    estimator: str = flag("reparam", "gradient of the ELBO: reparameterised, "
+                          "or REINFORCE with a leave-one-out baseline", choices=("reparam", "reinforce"))
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+                       resume_may_change=True,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(100, "captions per step", low=1)
     lr: float = flag(2e-3, "peak learning rate", above=0)
-    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
-    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
+    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training",
+                            choices=("cosine", "constant"))
+    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code",
+                          choices=("adamw", "rmsprop"))
     weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
-    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise has its own)",
-                     low=0, high=2**31 - 1)
+    seed: int = flag(0, "seed of the initialisation, the data order and the training noise "
+                     "(evaluation noise has its own)", low=0, high=2**31 - 1)
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
-                             "check); such runs are labelled and compare.py keeps them apart")
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
-                       part=common.RUN_CONTROL)
-    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
-                      choices=("float32", "bfloat16"))
+    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose "
+                             "(no checksum check); such runs are labelled and compare.py keeps them apart")
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
+                       choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
+    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device "
+                      "(on a CPU mostly slower)", choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
     data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
@@ -93,7 +103,8 @@ class Config:
     log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
     max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
     eval_batch_size: int = flag(100, "captions per evaluation batch", low=1)
-    iw_samples: int = flag(64, "posterior draws per caption in the evaluation bounds (an evaluation setting)", low=1)
+    iw_samples: int = flag(64, "posterior draws per caption in the evaluation bounds (an evaluation setting)",
+                           low=1)
 
 
 
@@ -106,7 +117,8 @@ class Model(nn.Module):
     def __init__(self, vocab_size: int, cfg: Config):
         super().__init__()
         if cfg.estimator == "reinforce" and cfg.train_samples < 2:
-            raise RunError("--estimator reinforce needs --train-samples >= 2 (its baseline leaves one draw out)")
+            raise RunError("--estimator reinforce needs --train-samples >= 2 "
+                           "(its baseline leaves one draw out)")
         E, C, D = cfg.embed, cfg.components, cfg.depth
         self.embed = nn.Embedding(vocab_size, E)  # N(0, 1); also the output matrix (tied)
         self.enc_convs = nn.ModuleList(conv5(E) for _ in range(D))
@@ -114,7 +126,8 @@ class Model(nn.Module):
         # sigma = sigma_max * sigmoid(rho) caps the scale smoothly: a clamp would freeze a scale that hits the
         # cap (the original's sigma ran away to it).
         self.log_sigma_max = math.log(cfg.sigma_max)
-        rho_0 = -math.log(max(cfg.sigma_max - 1, 1.0))  # sigma starts at 1 (at sigma_max / 2 if the cap is < 2)
+        # sigma starts at 1 (at sigma_max / 2 if the cap is < 2)
+        rho_0 = -math.log(max(cfg.sigma_max - 1, 1.0))
         if cfg.posterior_scale == "dim":
             self.rho = nn.Parameter(torch.full((E,), rho_0))
         else:
@@ -135,8 +148,8 @@ class Model(nn.Module):
         return mean, self.log_sigma_max + F.logsigmoid(rho)
 
     def draw(self, mean, log_sigma, n, generator=None):
-        """n posterior samples z = mu + sigma * eps, (n, B, L, E). The noise is drawn on the CPU (the global RNG
-        unless a generator is given), so a checkpoint's torch_rng replays it on any device."""
+        """n posterior samples z = mu + sigma * eps, (n, B, L, E). The noise is drawn on the CPU (the global
+        RNG unless a generator is given), so a checkpoint's torch_rng replays it on any device."""
         eps = torch.randn((n, *mean.shape), generator=generator).to(mean.device)
         return mean + log_sigma.exp() * eps
 
@@ -159,7 +172,8 @@ class Model(nn.Module):
         return log_px_z.sum(-1), log_pz.sum(-1)
 
     def loss(self, x):
-        """x (B, L) -> (B,) the training loss: -ELBO from train_samples draws, with the estimator's gradient."""
+        """x (B, L) -> (B,) the training loss: -ELBO from train_samples draws, with the estimator's
+        gradient."""
         return self.neg_elbo(x, self.train_samples, self.estimator)
 
     def neg_elbo(self, x, samples, estimator="reparam", generator=None):
@@ -169,7 +183,8 @@ class Model(nn.Module):
         entropy = self.entropy(mean, log_sigma)
         if estimator == "reparam":
             return -sum(self.log_joint(x, z)).mean(0) - entropy
-        # Score function: no gradient flows through z; the encoder learns from (reward - baseline) * grad log q.
+        # Score function: no gradient flows through z; the encoder learns from
+        # (reward - baseline) * grad log q.
         z = z.detach()
         reward = sum(self.log_joint(x, z))  # (S, B)
         log_q = common.gaussian_log_prob(z, mean, log_sigma).sum(-1)  # (S, B)
@@ -214,8 +229,9 @@ def evaluate(model, x, cfg, device, full=True):
 
 
 def active_dims(model, means):
-    """Dimensions whose posterior mean moves with the caption: the variance over captions of mu_{t,d}, averaged
-    over slots, above 1% of the prior's variance in that dimension (Burda et al. 2016's test, made scale-free)."""
+    """Dimensions whose posterior mean moves with the caption: the variance over captions of mu_{t,d},
+    averaged over slots, above 1% of the prior's variance in that dimension (Burda et al. 2016's test, made
+    scale-free)."""
     prior_var = model.prior_log_std.detach().exp().pow(2) + model.prior_means.detach().var(0)
     return int((means.var(0).mean(0) > 0.01 * prior_var.float().cpu()).sum())
 
@@ -228,7 +244,8 @@ def gradient_variance(model, x, cfg, repeats=8):
     variance = {}
     for estimator in ("reparam", "reinforce"):
         grads = [torch.cat([g.flatten() for g in torch.autograd.grad(
-            model.neg_elbo(x, max(cfg.train_samples, 2), estimator, generator).mean(), encoder)]) for _ in range(repeats)]
+            model.neg_elbo(x, max(cfg.train_samples, 2), estimator, generator).mean(), encoder)])
+                 for _ in range(repeats)]
         variance[estimator] = torch.stack(grads).var(0).sum().item()
     return variance
 
@@ -266,15 +283,18 @@ def plot_latents(run_dir, model, x, vocab, title):
     for ax, mean, ids in zip(axes[:3], means, x):
         n = data.num_chars(ids[None]).item() + 1  # its characters and the closing PAD
         limit = mean[:n].abs().max().item()
-        ax.imshow(mean[:n].t().numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.imshow(mean[:n].t().numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                  interpolation="nearest")
         ax.set_xticks(range(n), list(vocab.decode(ids)) + ["<pad>"], fontsize=5)
         ax.set(ylabel="latent dimension", title=vocab.decode(ids)[:50])
     x, means = x[:300], means[:300]
     keep = torch.arange(data.SLOTS) <= data.num_chars(x).unsqueeze(1)  # (N, L)
     points = means[keep] - means[keep].mean(0)
     xy = points @ torch.linalg.svd(points, full_matrices=False).Vh[:2].t()  # (P, 2)
-    chars = ["" if i == data.PAD else "?" if i < len(data.SPECIALS) else vocab.itos[i] for i in x[keep].tolist()]
-    kinds = {"lower case": str.islower, "upper case": str.isupper, "space": " ".__eq__, "<pad> (end)": "".__eq__}
+    chars = ["" if i == data.PAD else "?" if i < len(data.SPECIALS) else vocab.itos[i]
+             for i in x[keep].tolist()]
+    kinds = {"lower case": str.islower, "upper case": str.isupper, "space": " ".__eq__,
+             "<pad> (end)": "".__eq__}
     kinds["other"] = lambda c: not any(test(c) for test in list(kinds.values())[:4])
     for (label, test), color in zip(kinds.items(), ["tab:blue", "tab:green", "red", "black", "tab:orange"]):
         hit = torch.tensor([test(c) for c in chars])
@@ -288,8 +308,8 @@ def plot_latents(run_dir, model, x, vocab, title):
 
 
 # ============================================================================= the run
-# The same text in every script of the family, but for the lines where a model needs more (a test checks that
-# each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+# The same text in every script of the family, but for the lines where a model needs more (a test checks
+# that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
 RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
 
 
@@ -299,54 +319,50 @@ def as_flag(name, value):
     return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
 
-def settings_from(ckpt, cfg, given):
-    """The settings of a run, read from its checkpoint: every flag but RUN_FLAGS (--resume may give a new
-    --epochs, which its lr schedule then spans). Typing one of them with another value is refused."""
+def open_run(argv):
+    """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
+    folder). A checkpoint's settings are all but RUN_FLAGS (--resume may give a new --epochs); typing one of
+    them with another value is refused."""
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    if cfg.sample_only and not cfg.show_samples:
+        raise RunError("--sample-only with --show-samples 0 would print nothing")
+    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
+    if not (cfg.resume or cfg.eval_only or cfg.sample_only):
+        return cfg, None, run_dir
+    ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
     fields = Config.__dataclass_fields__
     saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
              and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
     for k in sorted(given & saved.keys()):
         if saved[k] != getattr(cfg, k):
-            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, saved[k])}: "
-                           "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
-    return dataclasses.replace(cfg, **saved)
-
-
-def open_run(argv):
-    """Flags -> (settings, the checkpoint that --resume, --eval-only or --sample-only reads (else None), the
-    run folder). Nothing is written yet."""
-    cfg, given = common.parse_flags(Config, __doc__, argv)
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
-    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
-    if len(modes) > 1:
-        raise RunError("use only one of " + ", ".join(modes))
-    if cfg.sample_only and not cfg.show_samples:
-        raise RunError("--sample-only with --show-samples 0 would print nothing")
-    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
-        cfg = settings_from(ckpt, cfg, given)
-    return cfg, ckpt, run_dir
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's "
+                           f"{as_flag(k, saved[k])}: a checkpoint keeps its settings; drop the flag, or "
+                           "train a new --run-name")
+    return dataclasses.replace(cfg, **saved), ckpt, run_dir
 
 
 def load_data(cfg, ckpt, run_dir):
-    """The vocabulary, the splits and their files' SHA-256; a run goes on with the data it was trained on, or
-    not at all. A plain-text corpus is custom data by construction."""
-    vocab, splits, sha256, data_info = data.load(cfg.data_dir or None, cfg.custom_data)
+    """The vocabulary, splits, files' SHA-256 and what data.py found; a run goes on with the data it was
+    trained on, or not at all."""
+    vocab, splits, sha256, found = data.load(cfg.data_dir or None, cfg.custom_data)
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
         changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
                          if sha256.get(name) != ckpt["data_sha256"].get(name))
-        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
-                       "trained on (SHA-256): pass the --data-dir it used")
-    return vocab, splits, sha256, data_info
+        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} "
+                       "was trained on (SHA-256): pass the --data-dir it used")
+    return vocab, splits, sha256, found
 
 
 def pick_device(name):
     """auto: CUDA if present, else MPS, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
         raise RunError(f"--device {name} was asked for but is not available here")
     return torch.device(name)
 
@@ -359,48 +375,37 @@ def lr_at(step, total_steps, cfg):
 
 
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never leaves
-    a half-written checkpoint, and the previous one stays."""
+    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never
+    leaves a half-written checkpoint, and the previous one stays."""
     buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
     torch.save(state, buffer)
     try:
         tmp.write_bytes(buffer.getbuffer())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
         raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
-    except KeyboardInterrupt:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = ("it has no best checkpoint yet: --resume continues it" if (path.parent / "ckpt_last.pt").is_file()
-                else "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir()
-                else "check --out-dir and --run-name")
+        hint = ("it has no best checkpoint yet: --resume continues it"
+                if (path.parent / "ckpt_last.pt").is_file()
+                else "a run stopped before its first checkpoint? --overwrite starts it afresh"
+                if path.parent.is_dir() else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # empty, truncated, random bytes, a pickle with code in it
-        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this project)") from None
+        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this "
+                       "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     return state
-
-
-def restore(model, optimizer, order, ckpt, cfg, run_dir):
-    """Load a checkpoint's weights, and for --resume the optimizer and both random streams as they were."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        if cfg.resume:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            order.set_state(ckpt["epoch_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
 
 
 @contextlib.contextmanager
@@ -423,8 +428,8 @@ def lock_run_folder(run_dir):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM while training: the list it yields gets the signal, and the loop finishes its step,
-    saves and stops; a second signal stops at once."""
+    """Ctrl-C or SIGTERM while training lands in the list this yields: the loop finishes its step, saves and
+    stops. A second one stops at once."""
     requests = []
 
     def request_stop(signum, frame):
@@ -440,31 +445,30 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def read_metrics(run_dir):
-    """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
+def read_metrics(run_dir, keep=None):
+    """metrics.jsonl's records, without a torn line (the process was killed while writing it); with `keep`,
+    the file is rewritten with the records keep(record) accepts."""
     path, records = run_dir / "metrics.jsonl", []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
+    if keep:
+        records = [r for r in records if keep(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def keep_records(run_dir, keep):
-    """Rewrite metrics.jsonl with the records `keep` accepts (and without a torn last line)."""
-    records = [r for r in read_metrics(run_dir) if keep(r)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def prepare_run_folder(run_dir, cfg, ckpt):
-    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past its
-    checkpoint, which it is about to replay, and its old test record: the run ends with a new one."""
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
+    its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
     if ckpt is not None:
-        return keep_records(run_dir, lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+        return read_metrics(run_dir, keep=lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
     if old and not cfg.overwrite:
         what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
                            else ("a run stopped before its first checkpoint", ""))
-        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start it afresh")
+        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start "
+                       "it afresh")
     for path in old:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
@@ -495,8 +499,8 @@ def plot_curves(run_dir, title):
 
 
 def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
-    """Score a split: the eval line, its metrics record (with the run's `progress`: step, epoch, parameters,
-    training seconds), for test the per-caption nats compare.py reads. Returns the NLPPS."""
+    """Score a split: the eval line, its record (with `progress`: step, epoch, parameters, training seconds),
+    for test the per-caption nats compare.py reads. Returns the NLPPS."""
     t0 = time.time()
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test")
     bound = extra.pop("bound")
@@ -508,8 +512,9 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
-    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
-        f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
+    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | "
+        f"nlpps {nlpps:.2f} | bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | "
+        f"{seconds:.1f} s",
         dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
@@ -524,7 +529,8 @@ def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
     ids, _ = sample(model, cfg.show_samples, cfg, device, generator)
     lines = [f"[SAMPLE] {vocab.decode(s)}" for s in ids]
     targets = splits["val"][: min(cfg.show_samples, 2)]
-    lines = [f"[{tag}] {vocab.decode(ids)}" for ids, rec in zip(targets, reconstruct(model, targets.to(device)))
+    recons = reconstruct(model, targets.to(device))
+    lines = [f"[{tag}] {vocab.decode(ids)}" for ids, rec in zip(targets, recons)
              for tag, ids in (("TARGET", ids), ("RECONS", rec))] + lines
     plot_latents(run_dir, model, splits["val"], vocab, f"{SCRIPT}: epoch {epoch}")
     with open(run_dir / "samples.txt", "a") as f:
@@ -533,20 +539,12 @@ def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
         log(run_dir, line)
 
 
-def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, progress, best_val):
-    """Everything --resume needs to continue exactly (mid-epoch too: the epoch's order is replayed from
-    epoch_rng), as plain tensors and containers."""
-    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), args=dataclasses.asdict(cfg),
-                vocab=vocab.itos, data_sha256=sha256, best_val=best_val, epoch_rng=epoch_rng,
-                torch_rng=torch.get_rng_state(), **progress)
-
-
 def run(argv=None):
     cfg, ckpt, run_dir = open_run(argv)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
-    cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
+    vocab, splits, sha256, found = load_data(cfg, ckpt, run_dir)
+    cfg = dataclasses.replace(cfg, custom_data=found["custom"])  # (a plain-text corpus is custom data)
     train = splits["train"][: cfg.limit_train or None]
     model = build_model(vocab, train, cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
@@ -557,37 +555,45 @@ def run(argv=None):
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, train_seconds = 0, math.inf, 0.0
-    if ckpt is not None:
-        restore(model, optimizer, order, ckpt, cfg, run_dir)
-        step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+    try:
+        if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
+            model.load_state_dict(ckpt["model"])
+            step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+        if cfg.resume:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            order.set_state(ckpt["epoch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})"
+                       ) from None
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    def progress():  # what every record and checkpoint says of where the run is
+    def progress():  # where the run is: every record and checkpoint says it
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
 
     if cfg.sample_only or cfg.eval_only:
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
-            keep_records(run_dir, lambda r: True)  # (a torn last line would glue to the next record)
+            read_metrics(run_dir, keep=lambda r: True)  # (drops a torn last line: the next record is whole)
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        args = dataclasses.asdict(cfg) | {"data_sha256": sha256}
+        (run_dir / "args.json").write_text(json.dumps(args, indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-        log(run_dir, data_info["summary"])
+        log(run_dir, found["summary"])
         losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
         while step < last_step:
-            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from order's state
+            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
                 epoch_rng, epoch_t0 = order.get_state(), time.time()
                 epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
-            x, step_t0 = next(epoch_batches), time.time()
-            lr = lr_at(step, total_steps, cfg)
+            x, step_t0, lr = next(epoch_batches), time.time(), lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -604,27 +610,28 @@ def run(argv=None):
             step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
             train_seconds += time.time() - step_t0
             if step % cfg.log_every == 0 or step == 1:
-                now = time.time()
-                eta = round(train_seconds / step * (last_step - step))
+                now, eta = time.time(), round(train_seconds / step * (last_step - step))
                 log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
                     f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
                     f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                    dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
-                         seq_per_s=seen / (now - window_t0)))
+                    dict(kind="train", step=step, epoch=step / steps_per_epoch,
+                         nlpps=sum(losses) / len(losses), seq_per_s=seen / (now - window_t0)))
                 losses, seen, window_t0 = [], 0, now
             if not (stop or step == last_step or step % steps_per_epoch == 0):
                 continue
             # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
-            is_best = False
-            if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+            is_best, epoch_done = False, step % steps_per_epoch == 0
+            if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
                 if not math.isfinite(val):
-                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last good "
-                                   f"checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last "
+                                   f"good checkpoint {run_dir / 'ckpt_last.pt'} is kept")
                 is_best, best_val = val <= best_val, min(val, best_val)
-            epoch_done = step % steps_per_epoch == 0
-            state = checkpoint_state(model, optimizer, order, order.get_state() if epoch_done else epoch_rng, vocab,
-                                     sha256, cfg, progress(), best_val)
+            state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256,
+                         best_val=best_val,
+                         epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
+                         torch_rng=torch.get_rng_state(), **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
                 save_checkpoint(state, run_dir / "ckpt_best.pt")
             save_checkpoint(state, run_dir / "ckpt_last.pt")
@@ -637,8 +644,8 @@ def run(argv=None):
             epoch_batches = None
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
-        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | dict(step=best["step"],
-                                                                                      epoch=best["step"] / steps_per_epoch))
+        at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)
+        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | at_best)
 
 
 def main(argv=None):

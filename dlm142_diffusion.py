@@ -6,7 +6,8 @@ Forward process: every slot of x_0 (a 100-slot caption, see data.py) is corrupte
 with the noise distribution n all its mass on an extra MASK token (--noise absorb) or uniform over the
 vocabulary (--noise uniform, as the original). a_T = 0, so x_T is exactly noise and p(x_T) = n.
 A network maps x_t (+ an embedding of t with --time-cond) to per-slot logits over the tied embedding:
-  --backbone cnn: the notes' residual tanh CNN, h <- tanh(h + Conv1d_d(h)), dilation d from the --dilation cycle;
+  --backbone cnn: the notes' residual tanh CNN, h <- tanh(h + Conv1d_d(h)), dilation d from the
+    --dilation cycle;
   --backbone transformer: pre-norm blocks h <- h + Attn(LN(h)), h <- h + MLP(LN(h)), with rotary position
     embeddings (RoPE) on queries and keys, so attention scores depend on slot offsets only;
   --backbone hybrid: per block the CNN's step h <- tanh(h + Conv1d_d(h)) for the neighbours, then the
@@ -14,7 +15,8 @@ A network maps x_t (+ an embedding of t with --time-cond) to per-slot logits ove
 Reverse kernel:
   --param x0 (absorb only; MDLM's "SUBS"): logits -> p_th(x_0,i | x_t) over characters (never MASK or <bos>),
     p(x_{t-1,i} | x_t) = [x_{t-1,i} = x_{t,i}]                            if slot i is not MASK,
-                       = (1 - a_{t-1})/(1 - a_t) [MASK] + (a_{t-1} - a_t)/(1 - a_t) p_th(x_{t-1,i} | x_t)  if it is,
+                       = (1 - a_{t-1})/(1 - a_t) [MASK]
+                         + (a_{t-1} - a_t)/(1 - a_t) p_th(x_{t-1,i} | x_t)         if it is,
     i.e. q(x_{t-1} | x_t, x_0) with p_th in place of x_0, so the step-t term below is exactly
     sum_{i masked} (a_{t-1} - a_t)/(1 - a_t) * (-log p_th(x_0,i | x_t))   (= -log p(x_0 | x_1) at t = 1).
   --param gate (the notes'): p(x_{t-1,i} = j | x_t) = g_i softmax_j(logits) + (1 - g_i) [j = x_{t,i}].
@@ -46,6 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
 import matplotlib
 import numpy as np
 import torch
@@ -59,6 +62,8 @@ from common import flag
 matplotlib.use("Agg")  # figures are files; no window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+
 SCRIPT = "dlm142_diffusion"
 
 
@@ -68,39 +73,51 @@ class RunError(Exception):
 
 @dataclass
 class Config:
-    param: str = flag("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); gate mixes "
-                     "a replace softmax with copying the input (the notes')", choices=("x0", "gate"), part="the model")
-    backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN; a pre-norm transformer with rotary "
-                        "positions; or hybrid blocks of a tanh conv then rotary attention (the better bound for runs of half an hour "
-                        "or more; --embed 96 --depth 3 the best at 20 epochs: RESULTS.md)",
+    param: str = flag("x0", "reverse kernel: x0 predicts the character under each MASK (absorb only); "
+                     "gate mixes a replace softmax with copying the input (the notes')",
+                     choices=("x0", "gate"), part="the model")
+    backbone: str = flag("cnn", "network over x_t: the notes' residual tanh CNN; a pre-norm transformer "
+                        "with rotary positions; or hybrid blocks of a tanh conv then rotary attention "
+                        "(the better bound for runs of half an hour or more; --embed 96 --depth 3 the best "
+                        "at 20 epochs: RESULTS.md)",
                         choices=("cnn", "transformer", "hybrid"))
     embed: int = flag(96, "embedding and channel width E (the notes' network: 50)", low=1)
-    depth: int = flag(6, "blocks D: residual convs, transformer layers or hybrid blocks (the notes' network: 11)", low=1)
-    kernel: int = flag(5, "conv kernel width, cnn and hybrid (odd, so a slot's output sits on the slot)", low=1)
-    dilation: str = flag("1", "conv dilations, a comma-separated cycle repeated over the depth (e.g. 1,2,4,8)")
-    heads: int = flag(4, "attention heads, transformer and hybrid (must divide E; E / heads even for rotary)", low=1)
-    mlp_ratio: int = flag(4, "hidden width of each attention block's MLP, in multiples of E (0: no MLP)", low=0)
+    depth: int = flag(6, "blocks D: residual convs, transformer layers or hybrid blocks "
+                      "(the notes' network: 11)", low=1)
+    kernel: int = flag(5, "conv kernel width, cnn and hybrid (odd, so a slot's output sits on the slot)",
+                       low=1)
+    dilation: str = flag("1", "conv dilations, a comma-separated cycle repeated over the depth "
+                         "(e.g. 1,2,4,8)")
+    heads: int = flag(4, "attention heads, transformer and hybrid (must divide E; E / heads even for rotary)",
+                      low=1)
+    mlp_ratio: int = flag(4, "hidden width of each attention block's MLP, in multiples of E (0: no MLP)",
+                          low=0)
     diffusion_steps: int = flag(100, "diffusion steps T", low=1)
-    noise: str = flag("absorb", "corruption: replace by a MASK token, or by a uniform draw", choices=("absorb", "uniform"))
-    copy: bool = flag(True, "--param gate: gate between replacing and copying the input token (--no-copy: replace only)")
+    noise: str = flag("absorb", "corruption: replace by a MASK token, or by a uniform draw",
+                      choices=("absorb", "uniform"))
+    copy: bool = flag(True, "--param gate: gate between replacing and copying the input token "
+                      "(--no-copy: replace only)")
     time_cond: bool = flag(False, "add a learned embedding of t to the input")
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1, resume_may_change=True,
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1,
+                       resume_may_change=True,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(32, "captions per step", low=1)
     lr: float = flag(1e-3, "peak learning rate", above=0)
-    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
-    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
+    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training",
+                            choices=("cosine", "constant"))
+    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code",
+                          choices=("adamw", "rmsprop"))
     weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
-    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise has its own)",
-                     low=0, high=2**31 - 1)
+    seed: int = flag(0, "seed of the initialisation, the data order and the training noise "
+                     "(evaluation noise has its own)", low=0, high=2**31 - 1)
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
-                             "check); such runs are labelled and compare.py keeps them apart")
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
-                       part=common.RUN_CONTROL)
-    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
-                      choices=("float32", "bfloat16"))
+    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose "
+                             "(no checksum check); such runs are labelled and compare.py keeps them apart")
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
+                       choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
+    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device "
+                      "(on a CPU mostly slower)", choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
     data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
@@ -114,11 +131,13 @@ class Config:
     log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
     max_steps: int = flag(0, "stop after this many steps in total (0: no limit)", low=0)
     eval_batch_size: int = flag(2000, "(caption, t) pairs per evaluation batch", low=1)
-    val_steps: int = flag(10, "steps per caption in the per-epoch val estimate (0: all T; test always sums all T)", low=0)
+    val_steps: int = flag(10, "steps per caption in the per-epoch val estimate "
+                          "(0: all T; test always sums all T)", low=0)
 
 
 
-TERMS = ("reveal", "token", "copy")  # the parts of each step's term: stay/reveal, token at masked, copy at unmasked
+# the parts of each step's term: stay/reveal, token at masked, copy at unmasked
+TERMS = ("reveal", "token", "copy")
 
 
 # ----------------------------------------------------------------------------- forward process
@@ -152,10 +171,12 @@ class Corruption:
         return a * F.one_hot(x0, self.states) + (1 - a) * self.noise.to(x0.device)
 
     def posterior(self, x0, xt, t):
-        """q(x_{t-1} = j | x_t, x_0) ∝ q(x_t | x_{t-1} = j) q(x_{t-1} = j | x_0), for t >= 1 -> (..., L, S)."""
+        """q(x_{t-1} = j | x_t, x_0) ∝ q(x_t | x_{t-1} = j) q(x_{t-1} = j | x_0), for t >= 1
+        -> (..., L, S)."""
         a_prev, a = self.alpha_bar(t - 1)[..., None, None], self.alpha_bar(t)[..., None, None]
         beta = 1 - a / a_prev
-        likelihood = (1 - beta) * F.one_hot(xt, self.states) + beta * self.noise.to(xt.device)[xt].unsqueeze(-1)
+        likelihood = ((1 - beta) * F.one_hot(xt, self.states)
+                      + beta * self.noise.to(xt.device)[xt].unsqueeze(-1))
         joint = likelihood * self.marginal(x0, t - 1)
         return joint / joint.sum(-1, keepdim=True)
 
@@ -201,7 +222,8 @@ class ResidualCNN(nn.Module):
 
 def rotate(x, cos, sin):
     """RoPE (Su et al. 2021) on x (N, H, L, Dh): each pair (x_a, x_b) of channels a < Dh/2, b = a + Dh/2 at
-    slot i is turned by the angle i w_a,  (x_a, x_b) -> (x_a cos iw_a - x_b sin iw_a, x_a sin iw_a + x_b cos iw_a).
+    slot i is turned by the angle i w_a,
+        (x_a, x_b) -> (x_a cos iw_a - x_b sin iw_a, x_a sin iw_a + x_b cos iw_a).
     Then <rotate(q)_i, rotate(k)_j> depends on i and j only through i - j: positions are relative."""
     x_a, x_b = x.chunk(2, dim=-1)                                            # (N, H, L, Dh/2) each
     return torch.cat([x_a * cos - x_b * sin, x_a * sin + x_b * cos], dim=-1)
@@ -257,7 +279,7 @@ class TanhConv(nn.Module):
 class Blocks(nn.Module):
     """--backbone transformer: D blocks of [rotary attention, MLP], every slot sees every slot from the first
     block and "the slot to my left" is the same offset at every position (no learned positions: at 3 epochs
-    they scored 153 nats against rotary's 109, README/issue 20).
+    they scored 153 nats against rotary's 109).
     --backbone hybrid: D blocks of [tanh conv, rotary attention, MLP]: the convolution reads the neighbours,
     attention the far revealed characters. A final LayerNorm, since pre-norm steps leave h unnormalised."""
 
@@ -306,13 +328,14 @@ class Model(nn.Module):
         self.time_embed = nn.Embedding(cfg.diffusion_steps + 1, E) if cfg.time_cond else None
         dilations = dilation_cycle(cfg.dilation, cfg.depth)
         self.backbone = (ResidualCNN(E, cfg.kernel, dilations) if cfg.backbone == "cnn" else
-                         Blocks(E, cfg.depth, cfg.heads, cfg.mlp_ratio, dilations if cfg.backbone == "hybrid" else None,
-                                cfg.kernel))
+                         Blocks(E, cfg.depth, cfg.heads, cfg.mlp_ratio,
+                                dilations if cfg.backbone == "hybrid" else None, cfg.kernel))
         self.out_bias = nn.Parameter(torch.zeros(S))
         self.gate = nn.Linear(E, 2) if cfg.param == "gate" and cfg.copy else None
 
     def logits(self, xt, t):
-        """Per-slot scores over the S states for xt (N, L), t (N,) -> (N, L, S), and the features (N, L, E)."""
+        """Per-slot scores over the S states for xt (N, L), t (N,) -> (N, L, S), and the features
+        (N, L, E)."""
         h = self.embed(xt)                                                   # (N, L, E)
         if self.time_embed is not None:
             h = h + self.time_embed(t).unsqueeze(1)
@@ -326,9 +349,11 @@ class Model(nn.Module):
         return F.log_softmax((logits / temperature).masked_fill(not_data, -math.inf), dim=-1)
 
     def reverse_log_probs(self, xt, t, temperature=1.0):
-        """log p(x_{t-1} | x_t) for xt (N, L), t (N,) -> (N, L, S). At t = 1 it puts no mass outside the data."""
+        """log p(x_{t-1} | x_t) for xt (N, L), t (N,) -> (N, L, S). At t = 1 it puts no mass outside the
+        data."""
         c = self.corruption
-        is_mask = torch.arange(c.states, device=xt.device) == c.mask        # (S,), all False for uniform noise
+        # (S,), all False for uniform noise
+        is_mask = torch.arange(c.states, device=xt.device) == c.mask
         if self.param == "x0":
             log_x0 = self.x0_log_probs(xt, t, temperature)
             reveal = c.reveal_prob(t, log_x0.dtype).to(xt.device)[:, None, None]  # (N, 1, 1)
@@ -346,9 +371,9 @@ class Model(nn.Module):
         return F.log_softmax(log_p.masked_fill(last, -math.inf), dim=-1)
 
     def step_terms(self, x0, xt, t):
-        """The bound's term of step t, KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) summed over slots (at t = 1
-        q is x_0 itself, so this is -log p(x_0 | x_1)), split by TERMS -> (N, 3): at the slots x_t changed,
-        the choice MASK-or-not (absorb only) and the token; at the slots it kept, copying them."""
+        """The bound's term of step t, KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) summed over slots (at
+        t = 1 q is x_0 itself, so this is -log p(x_0 | x_1)), split by TERMS -> (N, 3): at the slots x_t
+        changed, the choice MASK-or-not (absorb only) and the token; at the slots it kept, copying them."""
         c = self.corruption
         changed = xt != x0                                                   # (N, L)
         if self.param == "x0":  # the stay/reveal part matches q exactly, unmasked slots are copied exactly
@@ -362,9 +387,11 @@ class Model(nn.Module):
         reveal = torch.zeros_like(kl)
         if c.mask is not None:  # chain rule: KL = KL(stay-or-reveal) + q(reveal) KL(token | reveal)
             q_stay, log_p_stay = q[..., c.mask], log_p[..., c.mask]
-            log_p_reveal = torch.logsumexp(log_p.index_fill(-1, torch.tensor([c.mask], device=xt.device), -math.inf), -1)
+            log_p_reveal = torch.logsumexp(
+                log_p.index_fill(-1, torch.tensor([c.mask], device=xt.device), -math.inf), -1)
             reveal = (torch.xlogy(q_stay, q_stay) - torch.where(q_stay > 0, q_stay * log_p_stay, 0.0)
-                      + torch.xlogy(1 - q_stay, 1 - q_stay) - torch.where(q_stay < 1, (1 - q_stay) * log_p_reveal, 0.0))
+                      + torch.xlogy(1 - q_stay, 1 - q_stay)
+                      - torch.where(q_stay < 1, (1 - q_stay) * log_p_reveal, 0.0))
             reveal = torch.where(changed, reveal, 0.0)
         token = torch.where(changed, kl, 0.0) - reveal
         return torch.stack([reveal.sum(-1), token.sum(-1), torch.where(changed, 0.0, kl).sum(-1)], -1)
@@ -428,7 +455,8 @@ def sample(model, n, cfg, device, generator, slots=data.SLOTS):
     x = torch.multinomial(c.noise, n * slots, replacement=True, generator=generator).view(n, slots)
     for t in range(c.T, 0, -1):
         log_p = model.reverse_log_probs(x.to(device), torch.full((n,), t, device=device), cfg.temperature)
-        x = torch.multinomial(torch.softmax(log_p, -1).view(-1, c.states).cpu(), 1, generator=generator).view(n, -1)
+        x = torch.multinomial(torch.softmax(log_p, -1).view(-1, c.states).cpu(), 1,
+                              generator=generator).view(n, -1)
     model.train()
     return x, {}
 
@@ -440,7 +468,8 @@ def plot_noise_levels(run_dir, per_step, corruption):
               "_copy": "copy at unmasked slots"}
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in labels.items():
-        ax.plot(noised.numpy(), per_step["per_step" + key], ".-" if key == "" else "-", markersize=3, label=label)
+        ax.plot(noised.numpy(), per_step["per_step" + key], ".-" if key == "" else "-", markersize=3,
+                label=label)
     ax.set(xlabel="fraction of slots noised, 1 - a_t", ylabel="nats per caption (term of step t)",
            title=f"{corruption.kind} noise: bound = {sum(per_step['per_step']):.1f} nats + prior")
     ax.grid(alpha=0.3)
@@ -451,8 +480,8 @@ def plot_noise_levels(run_dir, per_step, corruption):
 
 
 # ============================================================================= the run
-# The same text in every script of the family, but for the lines where a model needs more (a test checks that
-# each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, records, checkpoints.
+# The same text in every script of the family, but for the lines where a model needs more (a test checks
+# that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
 RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
 
 
@@ -462,54 +491,50 @@ def as_flag(name, value):
     return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
 
-def settings_from(ckpt, cfg, given):
-    """The settings of a run, read from its checkpoint: every flag but RUN_FLAGS (--resume may give a new
-    --epochs, which its lr schedule then spans). Typing one of them with another value is refused."""
+def open_run(argv):
+    """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
+    folder). A checkpoint's settings are all but RUN_FLAGS (--resume may give a new --epochs); typing one of
+    them with another value is refused."""
+    cfg, given = common.parse_flags(Config, __doc__, argv)
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
+    if len(modes) > 1:
+        raise RunError("use only one of " + ", ".join(modes))
+    if cfg.sample_only and not cfg.show_samples:
+        raise RunError("--sample-only with --show-samples 0 would print nothing")
+    run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
+    if not (cfg.resume or cfg.eval_only or cfg.sample_only):
+        return cfg, None, run_dir
+    ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
     fields = Config.__dataclass_fields__
     saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
              and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
     for k in sorted(given & saved.keys()):
         if saved[k] != getattr(cfg, k):
-            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's {as_flag(k, saved[k])}: "
-                           "a checkpoint keeps its settings; drop the flag, or train a new --run-name")
-    return dataclasses.replace(cfg, **saved)
-
-
-def open_run(argv):
-    """Flags -> (settings, the checkpoint that --resume, --eval-only or --sample-only reads (else None), the
-    run folder). Nothing is written yet."""
-    cfg, given = common.parse_flags(Config, __doc__, argv)
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
-    modes = [as_flag(mode, True) for mode in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, mode)]
-    if len(modes) > 1:
-        raise RunError("use only one of " + ", ".join(modes))
-    if cfg.sample_only and not cfg.show_samples:
-        raise RunError("--sample-only with --show-samples 0 would print nothing")
-    run_dir, ckpt = Path(cfg.out_dir) / SCRIPT / cfg.run_name, None
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
-        cfg = settings_from(ckpt, cfg, given)
-    return cfg, ckpt, run_dir
+            raise RunError(f"{as_flag(k, getattr(cfg, k))} contradicts the checkpoint's "
+                           f"{as_flag(k, saved[k])}: a checkpoint keeps its settings; drop the flag, or "
+                           "train a new --run-name")
+    return dataclasses.replace(cfg, **saved), ckpt, run_dir
 
 
 def load_data(cfg, ckpt, run_dir):
-    """The vocabulary, the splits and their files' SHA-256; a run goes on with the data it was trained on, or
-    not at all. A plain-text corpus is custom data by construction."""
-    vocab, splits, sha256, data_info = data.load(cfg.data_dir or None, cfg.custom_data)
+    """The vocabulary, splits, files' SHA-256 and what data.py found; a run goes on with the data it was
+    trained on, or not at all."""
+    vocab, splits, sha256, found = data.load(cfg.data_dir or None, cfg.custom_data)
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
         changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
                          if sha256.get(name) != ckpt["data_sha256"].get(name))
-        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} was "
-                       "trained on (SHA-256): pass the --data-dir it used")
-    return vocab, splits, sha256, data_info
+        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} "
+                       "was trained on (SHA-256): pass the --data-dir it used")
+    return vocab, splits, sha256, found
 
 
 def pick_device(name):
     """auto: CUDA if present, else MPS, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
         raise RunError(f"--device {name} was asked for but is not available here")
     return torch.device(name)
 
@@ -522,48 +547,37 @@ def lr_at(step, total_steps, cfg):
 
 
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never leaves
-    a half-written checkpoint, and the previous one stays."""
+    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never
+    leaves a half-written checkpoint, and the previous one stays."""
     buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
     torch.save(state, buffer)
     try:
         tmp.write_bytes(buffer.getbuffer())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
         raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
-    except KeyboardInterrupt:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = ("it has no best checkpoint yet: --resume continues it" if (path.parent / "ckpt_last.pt").is_file()
-                else "a run stopped before its first checkpoint? --overwrite starts it afresh" if path.parent.is_dir()
-                else "check --out-dir and --run-name")
+        hint = ("it has no best checkpoint yet: --resume continues it"
+                if (path.parent / "ckpt_last.pt").is_file()
+                else "a run stopped before its first checkpoint? --overwrite starts it afresh"
+                if path.parent.is_dir() else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # empty, truncated, random bytes, a pickle with code in it
-        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this project)") from None
+        raise RunError(f"{path} is not a readable checkpoint (empty, truncated, corrupt or not made by this "
+                       "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     return state
-
-
-def restore(model, optimizer, order, ckpt, cfg, run_dir):
-    """Load a checkpoint's weights, and for --resume the optimizer and both random streams as they were."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        if cfg.resume:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            order.set_state(ckpt["epoch_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})") from None
 
 
 @contextlib.contextmanager
@@ -586,8 +600,8 @@ def lock_run_folder(run_dir):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM while training: the list it yields gets the signal, and the loop finishes its step,
-    saves and stops; a second signal stops at once."""
+    """Ctrl-C or SIGTERM while training lands in the list this yields: the loop finishes its step, saves and
+    stops. A second one stops at once."""
     requests = []
 
     def request_stop(signum, frame):
@@ -603,31 +617,30 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def read_metrics(run_dir):
-    """metrics.jsonl's records; a torn line (the process was killed while writing it) is left out."""
+def read_metrics(run_dir, keep=None):
+    """metrics.jsonl's records, without a torn line (the process was killed while writing it); with `keep`,
+    the file is rewritten with the records keep(record) accepts."""
     path, records = run_dir / "metrics.jsonl", []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
+    if keep:
+        records = [r for r in records if keep(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def keep_records(run_dir, keep):
-    """Rewrite metrics.jsonl with the records `keep` accepts (and without a torn last line)."""
-    records = [r for r in read_metrics(run_dir) if keep(r)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def prepare_run_folder(run_dir, cfg, ckpt):
-    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past its
-    checkpoint, which it is about to replay, and its old test record: the run ends with a new one."""
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
+    its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
     if ckpt is not None:
-        return keep_records(run_dir, lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+        return read_metrics(run_dir, keep=lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
     if old and not cfg.overwrite:
         what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
                            else ("a run stopped before its first checkpoint", ""))
-        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start it afresh")
+        raise RunError(f"{run_dir} holds {what}: {resumable}pick a new --run-name, or --overwrite to start "
+                       "it afresh")
     for path in old:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
@@ -658,8 +671,8 @@ def plot_curves(run_dir, title):
 
 
 def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
-    """Score a split: the eval line, its metrics record (with the run's `progress`: step, epoch, parameters,
-    training seconds), for test the per-caption nats compare.py reads. Returns the NLPPS."""
+    """Score a split: the eval line, its record (with `progress`: step, epoch, parameters, training seconds),
+    for test the per-caption nats compare.py reads. Returns the NLPPS."""
     t0 = time.time()
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test")
     bound = extra.pop("bound")
@@ -668,8 +681,9 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
-    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | nlpps {nlpps:.2f} | "
-        f"bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | {seconds:.1f} s",
+    log(run_dir, f"eval {split} | epoch {progress['epoch']:.2f} | step {progress['step']} | "
+        f"nlpps {nlpps:.2f} | bpc {bpc:.4f} ({', '.join(filter(None, [bound, data_label]))}){scalars} | "
+        f"{seconds:.1f} s",
         dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
@@ -689,21 +703,13 @@ def write_samples(model, vocab, cfg, device, run_dir, epoch):
         log(run_dir, line)
 
 
-def checkpoint_state(model, optimizer, order, epoch_rng, vocab, sha256, cfg, progress, best_val):
-    """Everything --resume needs to continue exactly (mid-epoch too: the epoch's order is replayed from
-    epoch_rng), as plain tensors and containers."""
-    return dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(), args=dataclasses.asdict(cfg),
-                vocab=vocab.itos, data_sha256=sha256, best_val=best_val, epoch_rng=epoch_rng,
-                torch_rng=torch.get_rng_state(), **progress)
-
-
 def run(argv=None):
     cfg, ckpt, run_dir = open_run(argv)
     check_flags(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vocab, splits, sha256, data_info = load_data(cfg, ckpt, run_dir)
-    cfg = dataclasses.replace(cfg, custom_data=data_info["custom"])
+    vocab, splits, sha256, found = load_data(cfg, ckpt, run_dir)
+    cfg = dataclasses.replace(cfg, custom_data=found["custom"])  # (a plain-text corpus is custom data)
     train = splits["train"][: cfg.limit_train or None]
     model = build_model(vocab, train, cfg).to(device)
     optimizer = (torch.optim.RMSprop(model.parameters(), lr=cfg.lr, eps=0.01) if cfg.optimizer == "rmsprop"
@@ -714,37 +720,45 @@ def run(argv=None):
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, train_seconds = 0, math.inf, 0.0
-    if ckpt is not None:
-        restore(model, optimizer, order, ckpt, cfg, run_dir)
-        step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+    try:
+        if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
+            model.load_state_dict(ckpt["model"])
+            step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+        if cfg.resume:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            order.set_state(ckpt["epoch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})"
+                       ) from None
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-    def progress():  # what every record and checkpoint says of where the run is
+    def progress():  # where the run is: every record and checkpoint says it
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
 
     if cfg.sample_only or cfg.eval_only:
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
-            keep_records(run_dir, lambda r: True)  # (a torn last line would glue to the next record)
+            read_metrics(run_dir, keep=lambda r: True)  # (drops a torn last line: the next record is whole)
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"data_sha256": sha256}, indent=2))
+        args = dataclasses.asdict(cfg) | {"data_sha256": sha256}
+        (run_dir / "args.json").write_text(json.dumps(args, indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
-        log(run_dir, data_info["summary"])
+        log(run_dir, found["summary"])
         losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
         while step < last_step:
-            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from order's state
+            if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
                 epoch_rng, epoch_t0 = order.get_state(), time.time()
                 epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
-            x, step_t0 = next(epoch_batches), time.time()
-            lr = lr_at(step, total_steps, cfg)
+            x, step_t0, lr = next(epoch_batches), time.time(), lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -761,27 +775,28 @@ def run(argv=None):
             step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
             train_seconds += time.time() - step_t0
             if step % cfg.log_every == 0 or step == 1:
-                now = time.time()
-                eta = round(train_seconds / step * (last_step - step))
+                now, eta = time.time(), round(train_seconds / step * (last_step - step))
                 log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
                     f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
                     f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                    dict(kind="train", step=step, epoch=step / steps_per_epoch, nlpps=sum(losses) / len(losses),
-                         seq_per_s=seen / (now - window_t0)))
+                    dict(kind="train", step=step, epoch=step / steps_per_epoch,
+                         nlpps=sum(losses) / len(losses), seq_per_s=seen / (now - window_t0)))
                 losses, seen, window_t0 = [], 0, now
             if not (stop or step == last_step or step % steps_per_epoch == 0):
                 continue
             # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
-            is_best = False
-            if not stop or step % steps_per_epoch == 0:  # (Ctrl-C mid-epoch saves the step as it is)
+            is_best, epoch_done = False, step % steps_per_epoch == 0
+            if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
                 if not math.isfinite(val):
-                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last good "
-                                   f"checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last "
+                                   f"good checkpoint {run_dir / 'ckpt_last.pt'} is kept")
                 is_best, best_val = val <= best_val, min(val, best_val)
-            epoch_done = step % steps_per_epoch == 0
-            state = checkpoint_state(model, optimizer, order, order.get_state() if epoch_done else epoch_rng, vocab,
-                                     sha256, cfg, progress(), best_val)
+            state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256,
+                         best_val=best_val,
+                         epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
+                         torch_rng=torch.get_rng_state(), **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
                 save_checkpoint(state, run_dir / "ckpt_best.pt")
             save_checkpoint(state, run_dir / "ckpt_last.pt")
@@ -794,8 +809,8 @@ def run(argv=None):
             epoch_batches = None
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
-        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | dict(step=best["step"],
-                                                                                      epoch=best["step"] / steps_per_epoch))
+        at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)
+        evaluate_split(model, splits, "test", cfg, device, run_dir, progress() | at_best)
 
 
 def main(argv=None):
