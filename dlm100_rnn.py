@@ -56,29 +56,34 @@ class RunError(Exception):
 @dataclass
 class Config:
     embed: int = flag(128, "embedding and GRU width E", low=1, part="the model")
-    head: str = flag("mos", "output head: mixture of softmaxes or a plain softmax", choices=("mos", "softmax"))
+    head: str = flag("mos", "output head: mixture of softmaxes or a plain softmax",
+                     choices=("mos", "softmax"))
     components: int = flag(400, "mixture components C of the mos head", low=1)
-    dropout: float = flag(0.0, "dropout on the GRU's input embeddings and on its normalised output before the "
-                          "head (training only; 0: off)", low=0, high=0.9)
+    dropout: float = flag(0.0, "dropout on the GRU's input embeddings and on its normalised output before "
+                          "the head (training only; 0: off)", low=0, high=0.9)
     epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1, resume_may_change=True,
                        part="optimisation and data (a checkpoint keeps these and the model's)")
     batch_size: int = flag(100, "captions per step", low=1)
     lr: float = flag(2e-3, "peak learning rate", above=0)
-    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training", choices=("cosine", "constant"))
-    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code", choices=("adamw", "rmsprop"))
+    lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training",
+                            choices=("cosine", "constant"))
+    optimizer: str = flag("adamw", "adamw, or rmsprop with eps 0.01 as the original research code",
+                          choices=("adamw", "rmsprop"))
     weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
-    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise has its own)",
-                     low=0, high=2**31 - 1)
+    seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation noise "
+                     "has its own)", low=0, high=2**31 - 1)
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose (no checksum "
-                             "check); such runs are labelled and compare.py keeps them apart")
-    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU", choices=("auto", "cuda", "mps", "cpu"),
-                       part=common.RUN_CONTROL)
-    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly slower)",
-                      choices=("float32", "bfloat16"))
+    custom_data: bool = flag(False, "use Multi30k files that differ from the published ones on purpose (no "
+                             "checksum check; a plain-text corpus is custom data anyway): such runs are "
+                             "labelled and compare.py keeps them apart")
+    device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
+                       choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
+    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU mostly "
+                      "slower)", choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
-    data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
+    data_dir: str = flag("", "folder with the three Multi30k .gz files, or a corpus of train.txt, valid.txt, "
+                         "test.txt (else $DLM_DATA_DIR, else download Multi30k)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
     run_name: str = flag("default", "name of the run folder (no path separators)")
     overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")
@@ -105,7 +110,8 @@ class Model(nn.Module):
         self.embed = nn.Embedding(vocab_size, E)  # N(0, 1); also the output matrix (tied)
         self.bos = data.BOS
         self.rnn = nn.GRU(E, E, batch_first=True)
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # Identity: p = 0 draws no noise
+        # nn.Identity when p = 0: draws no noise, so the model and its training are today's, step for step
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         # <unit-std vector, N(0,1) row> has std sqrt(E): start the temperatures at 1/sqrt(E)
         # so the first predictions are soft, not one-hot.
         if self.head == "mos":
@@ -160,7 +166,8 @@ def evaluate(model, x, cfg, device, full=True):
     """-log p(x) of every caption of x (N, L), in file order, and extra metrics (the family's contract; `full`
     is False for the per-epoch val check, where a latent model may estimate more cheaply). Exact here."""
     model.eval()
-    nll = torch.cat([model.loss(batch.to(device)).float().cpu() for batch in data.batches(x, cfg.eval_batch_size)])
+    nll = torch.cat([model.loss(batch.to(device)).float().cpu()
+                     for batch in data.batches(x, cfg.eval_batch_size)])
     model.train()
     return nll, {"bound": "exact"}
 
