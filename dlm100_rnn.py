@@ -61,8 +61,8 @@ class Config:
     components: int = flag(400, "mixture components C of the mos head", low=1)
     dropout: float = flag(0.0, "dropout on the GRU's input embeddings and on its normalised output before "
                           "the head (training only; 0: off)", low=0, high=0.9)
-    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's)", low=1, resume_may_change=True,
-                       part="optimisation and data (a checkpoint keeps these and the model's)")
+    epochs: int = flag(20, "training epochs (a plain --resume keeps the run's, or takes a new value)", low=1,
+                       resume_may_change=True, part="optimisation and data (a checkpoint keeps these too)")
     batch_size: int = flag(100, "captions per step", low=1)
     lr: float = flag(2e-3, "peak learning rate", above=0)
     lr_schedule: str = flag("cosine", "cosine decays the lr to 10% of its peak over training",
