@@ -70,16 +70,18 @@ def tiny_data(tmp_path_factory):
     return folder
 
 
-# The scripts of the family, each with its smallest sensible model (200 training captions at batch 50 = 4 steps
-# an epoch). Register a new script here, and only here: every family test below then runs for it too.
+# The scripts of the family, each with its smallest sensible model (200 training captions at batch 50 =
+# 4 steps an epoch). Register a new script here, and only here: every family test below then runs for it too.
 TINY = {
     "dlm100_rnn": ["--embed", "16", "--components", "8"],
     "dlm107_vae_seg": ["--embed", "16", "--piece-embed", "16", "--max-piece", "4", "--lexicon", "50"],
     "dlm123_gmmvae": ["--embed", "8", "--components", "4", "--depth", "1", "--iw-samples", "4"],
-    "dlm142_diffusion": ["--embed", "12", "--depth", "2", "--diffusion-steps", "8", "--val-steps", "3", "--lr", "3e-3"],
+    "dlm142_diffusion": ["--embed", "12", "--depth", "2", "--diffusion-steps", "8", "--val-steps", "3",
+                         "--lr", "3e-3"],
 }
 MODULES = {name: importlib.import_module(name) for name in TINY}
-FAMILY = ["--batch-size", "50", "--eval-batch-size", "64", "--show-samples", "2", "--log-every", "1", "--custom-data"]
+FAMILY = ["--batch-size", "50", "--eval-batch-size", "64", "--show-samples", "2", "--log-every", "1",
+          "--custom-data"]
 
 
 def tiny_args(script, data_dir, out_dir, *more):
@@ -128,7 +130,8 @@ def read_records(run_dir, kind):
 
 
 class FinishedRuns(dict):
-    """finished[script]: the folder of a finished 2-epoch tiny run, trained on first use. Copy it to change it."""
+    """finished[script]: the folder of a finished 2-epoch tiny run, trained on first use. Copy it to change
+    it."""
 
     def __init__(self, tiny_data, root):
         super().__init__()
@@ -220,9 +223,11 @@ def test_real_multi30k_files_match_checksums_and_sizes():
 
 
 def test_local_files_are_checked_against_the_published_checksums(tiny_data):
-    with pytest.raises(data.DataError, match=r"train.en.gz is not the published train.en.gz \(SHA-256.*--custom-data"):
+    with pytest.raises(data.DataError,
+                       match=r"train.en.gz is not the published train.en.gz \(SHA-256.*--custom-data"):
         data.load(str(tiny_data))
-    vocab, splits, sha256, _ = data.load(str(tiny_data), custom=True)  # on purpose: accepted, its checksums returned
+    # on purpose: accepted, its checksums returned
+    vocab, splits, sha256, _ = data.load(str(tiny_data), custom=True)
     assert sha256 == {name: data._sha256(tiny_data / name) for name in data.FILES.values()} != data.SHA256
     no_spaces_vocab, no_spaces, _, _ = data.load(str(tiny_data), custom=True, no_spaces=True)
     assert " " in vocab.stoi and " " not in no_spaces_vocab.stoi
@@ -379,14 +384,16 @@ def test_mixture_log_prob_matches_torch_mixture():
     K, dim = 6, 3
     means, log_std = torch.randn(K, dim), torch.randn(dim) * 0.3
     x = torch.randn(7, 2, dim)
-    uniform = D.MixtureSameFamily(D.Categorical(logits=torch.zeros(K)), D.Independent(D.Normal(means, log_std.exp()), 1))
+    uniform = D.MixtureSameFamily(D.Categorical(logits=torch.zeros(K)),
+                                  D.Independent(D.Normal(means, log_std.exp()), 1))
     torch.testing.assert_close(common.mixture_log_prob(x, means, log_std), uniform.log_prob(x))
 
 
 def test_logmeanexp_and_bits_per_char():
     x = torch.tensor([[0.0, 1.0], [2.0, -3.0], [-1.0, 0.5]])
     torch.testing.assert_close(common.logmeanexp(x, dim=0), x.exp().mean(0).log())
-    nlpps, bpc = common.nlpps_and_bpc(torch.tensor([math.log(2) * 10, math.log(2) * 12]), torch.tensor([9, 11]))
+    nlpps, bpc = common.nlpps_and_bpc(torch.tensor([math.log(2) * 10, math.log(2) * 12]),
+                                      torch.tensor([9, 11]))
     assert nlpps == pytest.approx(math.log(2) * 11) and bpc == pytest.approx(1.0)
 
 
@@ -404,7 +411,8 @@ def test_reinforce_surrogate_is_unbiased_with_leave_one_out_baseline():
         log_q = z * p1.log() + (1 - z) * (1 - p1).log()
         weight = log_q.sum().exp().detach()
         reward = torch.tensor([f[v] for v in zs])
-        expected = expected + weight * torch.autograd.grad(common.reinforce_surrogate(log_q, reward), theta)[0]
+        expected = expected + weight * torch.autograd.grad(common.reinforce_surrogate(log_q, reward),
+                                                           theta)[0]
     torch.testing.assert_close(expected, exact)
     with pytest.raises(ValueError):
         common.reinforce_surrogate(torch.zeros(1, 2), torch.zeros(1, 2))
@@ -413,7 +421,8 @@ def test_reinforce_surrogate_is_unbiased_with_leave_one_out_baseline():
 def test_evaluation_noise_never_repeats_a_training_stream():
     """Torch seeds are 32-bit; the evaluation seed lies outside the --seed range, so no seed replays it."""
     first = torch.rand(8, generator=common.eval_generator())
-    assert torch.equal(first, torch.rand(8, generator=common.eval_generator()))  # the same at every evaluation
+    # the same at every evaluation
+    assert torch.equal(first, torch.rand(8, generator=common.eval_generator()))
     for seed in (0, 1, 1234, 2**31 - 1):
         assert not torch.equal(first, torch.rand(8, generator=torch.Generator().manual_seed(seed)))
     with pytest.raises(SystemExit):
@@ -427,7 +436,8 @@ def test_out_of_range_flags_are_one_line_argparse_errors():
         err = io.StringIO()
         with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
             common.parse_flags(dlm100_rnn.Config, "", bad)
-        assert e.value.code == 2 and len(err.getvalue().strip().splitlines()) == 1 and bad[0] in err.getvalue()
+        assert (e.value.code == 2 and len(err.getvalue().strip().splitlines()) == 1
+                and bad[0] in err.getvalue())
     cfg, given = common.parse_flags(dlm100_rnn.Config, "", ["--lr", "1e-4", "--no-compile"])
     assert cfg.lr == 1e-4 and given == {"lr", "compile"}
 
@@ -461,8 +471,10 @@ def test_the_run_is_the_same_text_in_every_script():
     for script in SCRIPTS:
         lines = runs[script][1].splitlines()
         blocks = difflib.SequenceMatcher(None, base, lines, autojunk=False).get_opcodes()
-        changed = [line for tag, i1, i2, _, _ in blocks if tag in ("replace", "delete") for line in base[i1:i2]]
-        assert len(changed) <= 10, f"{script} rewrites these lines of dlm100_rnn.py's run:\n" + "\n".join(changed)
+        changed = [line for tag, i1, i2, _, _ in blocks if tag in ("replace", "delete")
+                   for line in base[i1:i2]]
+        assert len(changed) <= 10, (f"{script} rewrites these lines of dlm100_rnn.py's run:\n"
+                                    + "\n".join(changed))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -492,11 +504,12 @@ def test_a_failed_checkpoint_write_says_why_leaves_no_temp_file_and_keeps_the_ol
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    with pytest.raises(dlm100_rnn.RunError, match="could not write .*ckpt_last.pt: No space left on device; the "
-                                                  "previous checkpoint is kept"):
+    with pytest.raises(dlm100_rnn.RunError, match="could not write .*ckpt_last.pt: No space left on device; "
+                                                  "the previous checkpoint is kept"):
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 2}, path)
     with pytest.raises(dlm100_rnn.RunError, match="No space left on device; no checkpoint was written"):
-        dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, tmp_path / "ckpt_best.pt")  # the first
+        # the first
+        dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, tmp_path / "ckpt_best.pt")
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_last.pt"]
     assert dlm100_rnn.load_checkpoint(path)["step"] == 1
@@ -509,7 +522,8 @@ def test_help_documents_every_flag_once_with_its_default(script):
     for f in dataclasses.fields(MODULES[script].Config):
         flag = "--" + f.name.replace("_", "-")
         assert out.count(flag + " ") + out.count(flag + "\n") >= 1, flag
-    assert "%%" not in out and f"(default: {MODULES[script].Config().epochs})" in out  # the epochs default shown
+    # the epochs default shown
+    assert "%%" not in out and f"(default: {MODULES[script].Config().epochs})" in out
     assert "\nthe model" in out and "\noptimisation and data" in out and "\nrun control" in out  # in sections
     assert MODULES[script].RUN_FLAGS < {f.name for f in dataclasses.fields(MODULES[script].Config)}
 
@@ -546,8 +560,8 @@ def test_resume_keeps_the_runs_epochs_unless_given_anew(finished, tmp_path):
     out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
     saved = json.loads((run_dir / "args.json").read_text())["epochs"]
     for more, epochs in (([], saved), (["--epochs", str(saved + 5)], saved + 5)):
-        out = call_ok("dlm100_rnn", tiny_args("dlm100_rnn", finished.tiny_data, out_dir, "--resume", "--max-steps",
-                                              str(4 * saved), *more))
+        out = call_ok("dlm100_rnn", tiny_args("dlm100_rnn", finished.tiny_data, out_dir, "--resume",
+                                              "--max-steps", str(4 * saved), *more))
         assert f"resumed at step {4 * saved} | {epochs} epochs |" in out
     assert json.loads((run_dir / "args.json").read_text())["epochs"] == saved + 5
 
@@ -559,11 +573,13 @@ def test_eval_only_repeats_the_test_number_and_sample_only_prints_samples(script
     test_line = [l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("eval test")][-1]
     out = call_ok(script, TINY[script] + ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert test_line.split("| nlpps")[1].rsplit("|", 1)[0] in out  # same number: same checkpoint, same noise
-    out = call_ok(script, ["--sample-only", "--show-samples", "3", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    out = call_ok(script, ["--sample-only", "--show-samples", "3", "--out-dir", str(out_dir),
+                           "--data-dir", data_dir])
     assert sum(line.startswith("[") for line in out.splitlines()) >= 3
     assert "<bos>" not in out
     if "iw_samples" in MODULES[script].RUN_FLAGS:  # an evaluation setting, not the model's
-        out = call_ok(script, ["--eval-only", "--iw-samples", "2", "--out-dir", str(out_dir), "--data-dir", data_dir])
+        out = call_ok(script, ["--eval-only", "--iw-samples", "2", "--out-dir", str(out_dir),
+                               "--data-dir", data_dir])
         assert "eval test" in out
 
 
@@ -581,7 +597,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, tiny_d
     code, _, err = call(script, tiny_args(script, tiny_data, tmp_path, "--epochs", "3"))
     assert_one_line_error(code, err, "non-finite loss at step 6", "ckpt_last.pt")
     ckpt = module.load_checkpoint(tmp_path / script / "default" / "ckpt_last.pt")
-    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                     if v.is_floating_point())
     calls["n"] = 6  # a new run, NaN from its first step: before any checkpoint, so none is claimed
     code, _, err = call(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "early"))
     assert_one_line_error(code, err, "non-finite loss at step 0", "(none yet)")
@@ -644,14 +661,16 @@ DATA_ERRORS = {"edited": "SHA-256", "cut": "SHA-256", "truncated": "truncated", 
 
 @pytest.mark.parametrize("kind", DATA_ERRORS)
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_data_is_one_line_naming_the_file_before_any_training(script, kind, finished, tiny_data, tmp_path):
+def test_bad_data_is_one_line_naming_the_file_before_any_training(script, kind, finished, tiny_data,
+                                                                  tmp_path):
     if kind in ("edited", "cut") and not HAVE_REAL_DATA:
         pytest.skip("needs the real Multi30k files")
     folder, flags = bad_data(kind, tiny_data, tmp_path / "data")
     out_dir, run_dir = copy_run(finished[script], tmp_path)
     before = snapshot(run_dir)
     for args in (["--eval-only"], ["--run-name", "new"]):  # an existing run, and a new one
-        code, _, err = call(script, TINY[script] + args + ["--data-dir", str(folder), "--out-dir", str(out_dir)] + flags)
+        code, _, err = call(script, TINY[script] + args
+                            + ["--data-dir", str(folder), "--out-dir", str(out_dir)] + flags)
         assert_one_line_error(code, err, DATA_ERRORS[kind], "test_2016_flickr.en.gz")
     assert snapshot(run_dir) == before
     assert not (out_dir / script / "new" / "ckpt_last.pt").exists()
@@ -665,7 +684,8 @@ def test_a_finished_run_is_never_mixed_with_a_new_one(script, finished, tiny_dat
     assert_one_line_error(code, err, "holds a run: add --resume", "--resume", "--overwrite")
     code, _, err = call(script, tiny_args(script, tiny_data, out_dir, "--eval-only", "--embed", "64"))
     assert_one_line_error(code, err, "--embed 64 contradicts the checkpoint")
-    for bad in (["--run-name", "../../escape"], ["--lr", "nan"], ["--temperature", "1e-45"], ["--seed", "-1"]):
+    for bad in (["--run-name", "../../escape"], ["--lr", "nan"], ["--temperature", "1e-45"],
+                ["--seed", "-1"]):
         assert_one_line_error(*call(script, tiny_args(script, tiny_data, out_dir, *bad))[::2])
     assert snapshot(run_dir) == before and not (tmp_path / "escape").exists()
     # --overwrite starts afresh: only the new run's records remain
@@ -684,7 +704,8 @@ def start_training(script, tiny_data, out_dir, *more):
     """A real training process, stopped by nothing but a signal; returns it once it has logged a step."""
     args = tiny_args(script, tiny_data, out_dir, "--epochs", "1000", *more)
     proc = subprocess.Popen([sys.executable, str(HERE / f"{script}.py"), *args], cwd=HERE, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:
         if line.startswith("step "):
             return proc
@@ -752,7 +773,8 @@ def test_resume_refuses_other_data_than_the_run_was_trained_on(script, finished,
 def test_a_run_stopped_before_its_first_checkpoint_is_started_afresh_with_overwrite(tiny_data, tmp_path):
     run_dir = tmp_path / "dlm100_rnn" / "default"
     run_dir.mkdir(parents=True)
-    (run_dir / "log.txt").write_text("dlm100_rnn | new run | ...\n")  # what a kill -9 before the first save leaves
+    # what a kill -9 before the first save leaves
+    (run_dir / "log.txt").write_text("dlm100_rnn | new run | ...\n")
     code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--max-steps", "1"))
     assert_one_line_error(code, err, "before its first checkpoint", "--overwrite")
     code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--resume"))
@@ -765,20 +787,24 @@ def test_a_signal_stops_sample_only_at_once_and_offers_no_resume(finished, tmp_p
     out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
     for signum in (signal.SIGTERM, signal.SIGINT):
-        proc = subprocess.Popen([sys.executable, str(HERE / "dlm100_rnn.py"), "--sample-only", "--show-samples",
-                                 "300000", "--out-dir", str(out_dir), "--data-dir", data_dir], cwd=HERE, text=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, str(HERE / "dlm100_rnn.py"), "--sample-only",
+                                 "--show-samples", "300000", "--out-dir", str(out_dir),
+                                 "--data-dir", data_dir],
+                                cwd=HERE, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(5)  # past start-up, into the sampling loop
         proc.send_signal(signum)
         start = time.time()
         _, err = proc.communicate(timeout=30)
-        assert time.time() - start < 5 and proc.returncode != 0 and "--resume" not in err and "Traceback" not in err
+        assert (time.time() - start < 5 and proc.returncode != 0 and "--resume" not in err
+                and "Traceback" not in err)
 
 
-@pytest.mark.parametrize("script, bad", [("dlm142_diffusion", ["--param", "x0", "--noise", "uniform"]),
-                                         ("dlm142_diffusion", ["--kernel", "4"]),
-                                         ("dlm107_vae_seg", ["--compile"]),
-                                         ("dlm123_gmmvae", ["--estimator", "reinforce", "--train-samples", "1"])])
+@pytest.mark.parametrize("script, bad", [
+    ("dlm142_diffusion", ["--param", "x0", "--noise", "uniform"]),
+    ("dlm142_diffusion", ["--kernel", "4"]),
+    ("dlm107_vae_seg", ["--compile"]),
+    ("dlm123_gmmvae", ["--estimator", "reinforce", "--train-samples", "1"]),
+])
 def test_a_refused_flag_combination_leaves_no_run_folder(script, bad, tiny_data, tmp_path):
     code, _, err = call(script, tiny_args(script, tiny_data, tmp_path, *bad))
     assert_one_line_error(code, err, " ".join(bad[:2]) if bad[0] != "--compile" else "--compile")
@@ -803,7 +829,8 @@ def support_of(script, vocab_size, slots):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_scores_a_distribution_that_sums_to_one_or_a_bound_below_it(script):
     """The script's own evaluate on every string of 4 slots over 2 characters (and <pad>, <bos>, <unk>):
-    sum exp(-number) = 1 for an exact model; <= 1 for a bound, within the Monte-Carlo error of its estimate."""
+    sum exp(-number) = 1 for an exact model; <= 1 for a bound, within the Monte-Carlo error of its
+    estimate."""
     module, vocab = MODULES[script], data.Vocab(["a", "b"])
     cfg, _ = common.parse_flags(module.Config, "", TINY[script] + ["--eval-batch-size", "50"])
     if "iw_samples" in module.RUN_FLAGS:
@@ -827,7 +854,8 @@ def test_the_test_number_does_not_depend_on_the_eval_batch_size(script, finished
     out_dir, run_dir = copy_run(finished[script], tmp_path)
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
     for size in ("64", "7"):
-        call_ok(script, ["--eval-only", "--eval-batch-size", size, "--out-dir", str(out_dir), "--data-dir", data_dir])
+        call_ok(script, ["--eval-only", "--eval-batch-size", size, "--out-dir", str(out_dir),
+                         "--data-dir", data_dir])
     first, second = [r for r in read_metrics(run_dir) if r["kind"] == "test"][-2:]
     assert first["nlpps"] == second["nlpps"]  # bit for bit: each caption's noise is its own
 
@@ -837,8 +865,8 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_run_killed_between_its_two_checkpoint_writes_resumes_to_the_straight_runs_test(script, tiny_data,
-                                                                                         tmp_path, monkeypatch):
+def test_a_run_killed_between_its_two_checkpoint_writes_resumes_to_the_straight_runs_test(
+        script, tiny_data, tmp_path, monkeypatch):
     """Killed after the first checkpoint written at the last step (ckpt_best.pt when that step is the best),
     then resumed: the checkpoints never disagree on which is best, so the test scores the same model."""
     module = MODULES[script]
@@ -863,8 +891,10 @@ def test_a_run_killed_between_its_two_checkpoint_writes_resumes_to_the_straight_
 def test_a_script_runs_with_only_data_py_and_common_py_beside_it(script, tiny_data, tmp_path):
     for name in (f"{script}.py", "data.py", "common.py"):
         shutil.copy(HERE / name, tmp_path / name)
-    proc = subprocess.run([sys.executable, f"{script}.py", *tiny_args(script, tiny_data, "out", "--max-steps", "2")],
-                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, f"{script}.py",
+                           *tiny_args(script, tiny_data, "out", "--max-steps", "2")],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "eval test" in proc.stdout and (tmp_path / "out" / script / "default" / "ckpt_best.pt").exists()
 
@@ -885,7 +915,8 @@ def test_dlm100_probabilities_of_all_sequences_sum_to_one(head):
 
 def test_dlm100_sampler_draws_captions_with_the_probabilities_the_loss_gives():
     """Empirical frequencies of the first two symbols of 4000 samples against the exact p(x_1, x_2) of a tiny
-    model: every cell within 4 standard errors (a sampler off by a shifted step or a wrong temperature fails)."""
+    model: every cell within 4 standard errors (a sampler off by a shifted step or a wrong temperature
+    fails)."""
     torch.manual_seed(0)
     model = dlm100_rnn.Model(4, dlm100_rnn.Config(embed=8, components=4))
     with torch.no_grad():
@@ -930,7 +961,8 @@ def test_dlm100_dropout_is_off_at_zero_and_in_evaluation_and_the_same_model_else
     plain = dlm100_rnn.Model(30, dlm100_rnn.Config(embed=16, components=4))
     torch.manual_seed(0)
     dropped = dlm100_rnn.Model(30, dlm100_rnn.Config(embed=16, components=4, dropout=0.5))
-    assert plain.state_dict().keys() == dropped.state_dict().keys()  # the same weights: a checkpoint fits both
+    # the same weights: a checkpoint fits both
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
     torch.manual_seed(1)
     before = torch.rand(1)
     torch.manual_seed(1)
@@ -942,16 +974,16 @@ def test_dlm100_dropout_is_off_at_zero_and_in_evaluation_and_the_same_model_else
 
 
 # ============================================================================= dlm107_vae_seg.py
-# A tiny model in float64: the characters UNK, 3 and 4 (3 plays the space), captions of at most 4 characters
-# (5 slots), pieces of at most 3 characters, a 4-entry lexicon: every caption and segmentation is enumerable.
-seg = dlm107_vae_seg
+# A tiny model in float64: the characters UNK, 3 and 4 (SEG_CHARS; 3 plays the space, SEG_SPACE), captions of
+# at most 4 characters (SEG_SLOTS = 5 slots, not data.SLOTS), pieces of at most SEG_K = 3 characters, a
+# 4-entry lexicon: every caption and segmentation is enumerable.
 
 
 def seg_records(run_dir, kind):
     return [r for r in read_metrics(run_dir) if r["kind"] == kind]
 
 
-SPACE, CHARS, SLOTS, K = 3, (data.UNK, 3, 4), 5, 3
+SEG_SPACE, SEG_CHARS, SEG_SLOTS, SEG_K = 3, (data.UNK, 3, 4), 5, 3
 ITOS = data.SPECIALS + [" ", "b"]  # the 5 symbols: 3 is the space
 LEXICON = [(4, 4), (3, 4), (4, 3, 4), (2, 4, 4)]
 
@@ -960,9 +992,11 @@ def tiny_seg(lexicon=True, **kw):
     """The tiny model with its memory (key width 4); kw: Config fields (lex_factor, piece_context, ...). The
     expected-length regulariser is off unless asked for, so that the training loss is -log p(x)."""
     torch.manual_seed(0)
-    cfg = seg.Config(embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3, lex_key=4, **({"length_penalty": 0.0} | kw))
-    lex = torch.tensor([list(e) + [data.PAD] * (3 - len(e)) for e in LEXICON] if lexicon else [], dtype=torch.long)
-    model = seg.Model(ITOS, lex.view(-1, 3), cfg).double()
+    cfg = dlm107_vae_seg.Config(embed=8, piece_embed=5, max_piece=SEG_K, lex_min=2, lex_max=3, lex_key=4,
+                                **({"length_penalty": 0.0} | kw))
+    lex = torch.tensor([list(e) + [data.PAD] * (3 - len(e)) for e in LEXICON] if lexicon else [],
+                       dtype=torch.long)
+    model = dlm107_vae_seg.Model(ITOS, lex.view(-1, 3), cfg).double()
     with torch.no_grad():  # sharper distributions than the initial ones, so the checks are not near-uniform
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.7)
@@ -973,16 +1007,17 @@ MEMORIES = [dict(lex_factor=True), dict(lex_factor=False), dict(lex_factor=True,
             dict(lex_factor=False, piece_context=True)]
 
 
-def seg_caption(chars, slots=SLOTS):
+def seg_caption(chars, slots=SEG_SLOTS):
     return torch.tensor([list(chars) + [data.PAD] * (slots - len(chars))])
 
 
-def all_captions(slots=SLOTS):
-    return [c for n in range(slots) for c in itertools.product(CHARS, repeat=n)]
+def all_captions(slots=SEG_SLOTS):
+    return [c for n in range(slots) for c in itertools.product(SEG_CHARS, repeat=n)]
 
 
-def segmentations(n, slots=SLOTS, max_piece=K):
-    """Every segmentation of n characters into pieces of 1..max_piece: (Z, slots) bool, a cut after character t."""
+def segmentations(n, slots=SEG_SLOTS, max_piece=SEG_K):
+    """Every segmentation of n characters into pieces of 1..max_piece: (Z, slots) bool, a cut after
+    character t."""
     out = []
     for inner in itertools.product([False, True], repeat=max(n - 1, 0)):
         z = list(inner) + [True] * (n > 0)
@@ -993,7 +1028,8 @@ def segmentations(n, slots=SLOTS, max_piece=K):
 
 
 def enumerated_log_joint(scores, closing, n, z):
-    """log p(x, z) summed piece by piece from the (start, length) scores, independently of seg.log_joint."""
+    """log p(x, z) summed piece by piece from the (start, length) scores, independently of
+    dlm107_vae_seg.log_joint."""
     total, start = closing[0, n].item(), 0
     for t in range(n):
         if z[t]:
@@ -1008,7 +1044,8 @@ def exact_elbo_terms(model, x):
     scores, closing = model.piece_scores(x)
     cuts, log_q = model.draw_cuts(x, len(Z), drawn=Z.unsqueeze(1))
     assert torch.equal(cuts[:, 0], Z)  # a valid segmentation needs no forced cut added
-    return Z, seg.log_joint(seg.by_end(scores), closing, data.num_chars(x), cuts)[:, 0], log_q[:, 0]
+    log_p = dlm107_vae_seg.log_joint(dlm107_vae_seg.by_end(scores), closing, data.num_chars(x), cuts)
+    return Z, log_p[:, 0], log_q[:, 0]
 
 
 @pytest.mark.parametrize("parser", ["causal", "bi"])
@@ -1051,14 +1088,14 @@ def test_dlm107_piece_cost_tilts_the_training_sum_only():
         tilted = torch.tensor([enumerated_log_joint(scores, closing, 4, z) - 0.7 * z.sum().item() for z in Z],
                               dtype=torch.float64)
         assert model.loss(x).item() == pytest.approx(-torch.logsumexp(tilted, 0).item(), abs=1e-10)
-        nll, _ = seg.evaluate(model, x, seg.Config(eval_batch_size=5), CPU, full=False)
+        nll, _ = dlm107_vae_seg.evaluate(model, x, dlm107_vae_seg.Config(eval_batch_size=5), CPU, full=False)
         assert nll.item() == pytest.approx(-model.log_prob(x)[0].item(), abs=1e-12)  # untilted
         assert nll.item() < model.loss(x).item()
 
 
 def test_dlm107_spaces_segmenter_loss_is_the_joint_of_the_cuts_after_the_spaces():
     model, x = tiny_seg(segmenter="spaces"), seg_caption((4, 4, 4, 3))
-    z = torch.tensor([[False, False, True, True, False]])  # 444 (a forced cut at K = 3) | 3
+    z = torch.tensor([[False, False, True, True, False]])  # 444 (a forced cut at SEG_K = 3) | 3
     scores, closing = model.piece_scores(x)
     expected = enumerated_log_joint(scores, closing, 4, z[0])
     assert model.loss(x).item() == pytest.approx(-expected)
@@ -1066,28 +1103,36 @@ def test_dlm107_spaces_segmenter_loss_is_the_joint_of_the_cuts_after_the_spaces(
 
 # ----------------------------------------------------------------------------- segmentation scores
 def scores_of(text, cut_after, no_spaces_gold=None):
-    """The scores of one caption cut after the given characters (and after its last), through evaluate's path."""
+    """The scores of one caption cut after the given characters (and after its last), through evaluate's
+    path."""
     vocab = data.Vocab(list("abc ."))
     x = torch.tensor([vocab.encode(text)])
     cuts = torch.zeros_like(x, dtype=torch.bool)
     cuts[0, list(cut_after) + [len(text) - 1]] = True
-    gold = None if no_spaces_gold is None else torch.zeros_like(cuts).index_fill(1, torch.tensor(no_spaces_gold), True)
-    model = seg.Model(vocab.itos, torch.zeros(0, 2, dtype=torch.long), seg.Config(lexicon=0))
-    return seg.segmentation_scores(*seg.caption_words(model, x, cuts, gold))
+    gold = (None if no_spaces_gold is None
+            else torch.zeros_like(cuts).index_fill(1, torch.tensor(no_spaces_gold), True))
+    model = dlm107_vae_seg.Model(vocab.itos, torch.zeros(0, 2, dtype=torch.long),
+                                 dlm107_vae_seg.Config(lexicon=0))
+    return dlm107_vae_seg.segmentation_scores(*dlm107_vae_seg.caption_words(model, x, cuts, gold))
 
 
 def test_dlm107_words_of_a_caption_are_cut_anywhere_in_a_run_of_spaces():
-    assert seg.words_of("a man in", [0, 1, 0, 0, 1, 0, 0, 1]) == ["a", "man", "in"]   # a |man |in
-    assert seg.words_of("a man in", [1, 0, 0, 0, 0, 1, 0, 1]) == ["a", "man", "in"]   # a| man| in
-    assert seg.words_of("a man in", [0, 1, 0, 0, 0, 0, 0, 1]) == ["a", "manin"]       # a |man in: no cut, one word
-    assert seg.words_of("a  b", [1, 1, 1, 1]) == ["a", "b"]                           # cuts around spaces: one
-    assert seg.words_of("ab", [1, 0]) == ["a", "b"] and seg.words_of("", []) == []
+    # a |man |in
+    assert dlm107_vae_seg.words_of("a man in", [0, 1, 0, 0, 1, 0, 0, 1]) == ["a", "man", "in"]
+    # a| man| in
+    assert dlm107_vae_seg.words_of("a man in", [1, 0, 0, 0, 0, 1, 0, 1]) == ["a", "man", "in"]
+    # a |man in: no cut, one word
+    assert dlm107_vae_seg.words_of("a man in", [0, 1, 0, 0, 0, 0, 0, 1]) == ["a", "manin"]
+    # cuts around spaces: one
+    assert dlm107_vae_seg.words_of("a  b", [1, 1, 1, 1]) == ["a", "b"]
+    assert dlm107_vae_seg.words_of("ab", [1, 0]) == ["a", "b"] and dlm107_vae_seg.words_of("", []) == []
 
 
 def test_dlm107_boundary_token_and_type_scores_on_hand_made_examples():
     text = "ab c abc."  # words ab | c | abc. ; inner boundaries (without spaces) at 2 and 3
     s = scores_of(text, [2, 4])        # cuts after both spaces: perfect
-    assert all(s[f"{k}_{m}"] == 1 for k in ("boundary", "token", "type") for m in ("precision", "recall", "f1"))
+    assert all(s[f"{k}_{m}"] == 1 for k in ("boundary", "token", "type")
+               for m in ("precision", "recall", "f1"))
     assert scores_of(text, [1, 3]) == s  # cuts before both spaces: the same words
     s = scores_of(text, [1, 2])        # both sides of the first space: one boundary; the second missed
     assert (s["boundary_precision"], s["boundary_recall"]) == (1, 0.5)
@@ -1100,14 +1145,19 @@ def test_dlm107_boundary_token_and_type_scores_on_hand_made_examples():
 
 
 def test_dlm107_scores_exclude_the_edges_need_no_boundary_inside_a_token_and_count_types_once():
-    s = seg.segmentation_scores([["yuwant"]], [["yu", "want"]])  # under-segmented: edges would give P 1, R 2/3
+    # under-segmented: edges would give P 1, R 2/3
+    s = dlm107_vae_seg.segmentation_scores([["yuwant"]], [["yu", "want"]])
     assert (s["boundary_precision"], s["boundary_recall"], s["token_recall"]) == (0, 0, 0)
-    s = seg.segmentation_scores([["thedog", "ran"]], [["the", "dog", "ran"]])  # ends right, a boundary inside
-    assert (s["token_precision"], s["token_recall"], s["boundary_precision"], s["boundary_recall"]) == (0.5, 1 / 3, 1, 0.5)
-    s = seg.segmentation_scores([["dog"]], [["dog"]])  # no boundary at all: nothing divides by zero
+    # ends right, a boundary inside
+    s = dlm107_vae_seg.segmentation_scores([["thedog", "ran"]], [["the", "dog", "ran"]])
+    assert ((s["token_precision"], s["token_recall"], s["boundary_precision"], s["boundary_recall"])
+            == (0.5, 1 / 3, 1, 0.5))
+    # no boundary at all: nothing divides by zero
+    s = dlm107_vae_seg.segmentation_scores([["dog"]], [["dog"]])
     assert (s["boundary_f1"], s["token_f1"], s["type_f1"]) == (0, 1, 1)
     found, true = [["the", "dog"], ["thecat"], ["a", "dog"]], [["the", "dog"], ["the", "cat"], ["a", "dog"]]
-    s = seg.segmentation_scores(found, true)  # types {the, dog, thecat, a} against {the, dog, cat, a}
+    # types {the, dog, thecat, a} against {the, dog, cat, a}
+    s = dlm107_vae_seg.segmentation_scores(found, true)
     assert (s["type_precision"], s["type_recall"]) == (0.75, 0.75)
     assert (s["token_precision"], s["token_recall"]) == (0.8, 4 / 6) and s["boundary_recall"] == 2 / 3
 
@@ -1126,50 +1176,59 @@ SEG_TINY = ["--embed", "16", "--piece-embed", "8", "--max-piece", "6", "--lexico
             "--show-samples", "2", "--log-every", "1", "--iw-samples", "8", "--custom-data", "--lr", "1e-2"]
 
 
-@pytest.mark.parametrize("mode", [[], ["--estimator", "reinforce"], ["--segmenter", "spaces"], ["--no-spaces"]])
+@pytest.mark.parametrize("mode", [[], ["--estimator", "reinforce"], ["--segmenter", "spaces"],
+                                  ["--no-spaces"]])
 def test_dlm107_each_mode_trains_resumes_exactly_evaluates_and_samples(tiny_data, tmp_path, mode):
     base = SEG_TINY + mode + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "3"]
     for more in (["straight"], ["split", "--max-steps", "5"], ["split", "--resume"]):
         code, out, err = call("dlm107_vae_seg", base + ["--run-name", *more])
         assert code == 0, out + err
-    root = tmp_path / seg.SCRIPT
+    root = tmp_path / dlm107_vae_seg.SCRIPT
     train = [(r["step"], r["nlpps"]) for r in seg_records(root / "straight", "train")]
     assert train == [(r["step"], r["nlpps"]) for r in seg_records(root / "split", "train")]
     assert train[-1][1] < train[0][1]  # the loss falls
     test, = seg_records(root / "straight", "test")
     assert test == {**seg_records(root / "split", "test")[-1], "seconds": test["seconds"],
                     "train_seconds": test["train_seconds"]}
-    assert test["bound"] == "exact" and test["data"] == ("custom data, spaces removed" if mode == ["--no-spaces"] else "custom data")
+    assert test["bound"] == "exact" and test["data"] == ("custom data, spaces removed"
+                                                         if mode == ["--no-spaces"] else "custom data")
     assert all(0 <= test[k] <= 1 for k in ("boundary_f1", "token_f1", "type_f1", "cut_rate"))
-    lines = (root / "straight" / "segmentation_test.txt").read_text().splitlines()  # the file's lines: the input's
-    assert [l.replace(" ", "") for l in lines] == [c.replace(" ", "") for c in make_captions(30, 2) + ["<unk>ebra<unk><unk>"]]
+    # the file's lines: the input's
+    lines = (root / "straight" / "segmentation_test.txt").read_text().splitlines()
+    assert [l.replace(" ", "") for l in lines] == [c.replace(" ", "")
+                                                   for c in make_captions(30, 2) + ["<unk>ebra<unk><unk>"]]
     if mode == ["--estimator", "reinforce"]:
         assert test["elbo_nlpps"] >= test["iw_nlpps"] >= test["nlpps"] - 1e-9 and test["kl_gap"] >= 0
     if mode == ["--segmenter", "spaces"]:
         assert test["joint_nlpps"] >= test["nlpps"]
     assert json.loads((root / "straight" / "args.json").read_text())["spaces"] == (mode != ["--no-spaces"])
     assert (root / "straight" / "segments.png").exists()
-    assert torch.load(root / "straight" / "ckpt_last.pt", weights_only=True)["model"]["memory.lexicon"].shape[1] == 6
-    code, out, err = call("dlm107_vae_seg", base + ["--run-name", "straight", "--sample-only", "--show-samples", "3"])
+    lexicon = torch.load(root / "straight" / "ckpt_last.pt", weights_only=True)["model"]["memory.lexicon"]
+    assert lexicon.shape[1] == 6
+    code, out, err = call("dlm107_vae_seg", base + ["--run-name", "straight", "--sample-only",
+                                                    "--show-samples", "3"])
     assert code == 0, err
-    assert out.count("[SAMPLE]") == 3 and out.count("[SEGMENT]") == seg.SHOWN
+    assert out.count("[SAMPLE]") == 3 and out.count("[SEGMENT]") == dlm107_vae_seg.SHOWN
     shown = [l.split("] ", 1)[1].replace("|", "") for l in out.splitlines() if l.startswith("[SEGMENT]")]
-    expected = make_captions(30, 2)[:seg.SHOWN]
+    expected = make_captions(30, 2)[:dlm107_vae_seg.SHOWN]
     assert shown == ([c.replace(" ", "") for c in expected] if mode == ["--no-spaces"] else expected)
 
 
-def test_dlm107_segment_prints_the_words_of_each_line_of_a_file_and_names_unseen_characters(finished, tmp_path):
+def test_dlm107_segment_prints_the_words_of_each_line_of_a_file_and_names_unseen_characters(finished,
+                                                                                            tmp_path):
     out_dir, _ = copy_run(finished["dlm107_vae_seg"], tmp_path)
     lines = make_captions(5, 7) + ["Quiet zebra!", ""]  # Q, z and ! never occur in the training captions
     (tmp_path / "in.txt").write_text("".join(line + "\n" for line in lines))
-    code, out, err = call("dlm107_vae_seg", ["--segment", str(tmp_path / "in.txt"), "--out-dir", str(out_dir)])
+    code, out, err = call("dlm107_vae_seg", ["--segment", str(tmp_path / "in.txt"),
+                                             "--out-dir", str(out_dir)])
     assert code == 0 and "3 characters unseen in training" in err and "'Q'" in err and "'!'" in err
     words = out.splitlines()
     assert len(words) == len(lines)  # one line each, in order: an empty line stays an empty line
-    assert [w.replace(" ", "") for w in words] == [line.replace(" ", "").replace("Q", "<unk>").replace("z", "<unk>")
-                                                   .replace("!", "<unk>") for line in lines]
-    call_ok("dlm107_vae_seg", ["--segment", str(tmp_path / "in.txt"), "--segment-out", str(tmp_path / "w.txt"),
-                               "--out-dir", str(out_dir)])
+    assert [w.replace(" ", "") for w in words] == [
+        line.replace(" ", "").replace("Q", "<unk>").replace("z", "<unk>").replace("!", "<unk>")
+        for line in lines]
+    call_ok("dlm107_vae_seg", ["--segment", str(tmp_path / "in.txt"),
+                               "--segment-out", str(tmp_path / "w.txt"), "--out-dir", str(out_dir)])
     assert (tmp_path / "w.txt").read_text() == out
     assert_one_line_error(*call("dlm107_vae_seg", ["--segment", str(tmp_path / "none.txt"),
                                                    "--out-dir", str(out_dir)])[::2], "cannot read --segment")
@@ -1179,7 +1238,8 @@ def test_dlm107_segment_prints_the_words_of_each_line_of_a_file_and_names_unseen
 def test_dlm107_bad_flag_combinations_are_one_line_errors(tiny_data, tmp_path):
     base = SEG_TINY + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert_one_line_error(*call("dlm107_vae_seg", base + ["--lex-max", "7"])[::2], "--max-piece")
-    assert_one_line_error(*call("dlm107_vae_seg", base + ["--run-name", "b", "--segmenter", "spaces", "--no-spaces"])[::2], "--no-spaces")
+    assert_one_line_error(*call("dlm107_vae_seg", base + ["--run-name", "b", "--segmenter", "spaces",
+                                                          "--no-spaces"])[::2], "--no-spaces")
 
 
 def test_dlm107_a_refused_setting_is_named_as_it_is_typed(finished, tmp_path):
@@ -1196,14 +1256,16 @@ def test_dlm107_memory_is_a_distribution_over_the_entries_that_fit_and_the_windo
     room = torch.tensor([3, 3, 2, 1])
     log_p = memory.all_log_probs(h, room)                                          # (4, M)
     fits = memory.entry_len[None, :] <= room[:, None]
-    torch.testing.assert_close(log_p.exp().sum(1)[:3], torch.ones(3, dtype=torch.float64))  # room >= 2: sums to 1
+    # room >= 2: sums to 1
+    torch.testing.assert_close(log_p.exp().sum(1)[:3], torch.ones(3, dtype=torch.float64))
     assert (log_p[~fits] < -1e8).all()                                             # too long: no mass
     log_g, log_not_g = memory.gates(h, room)
     assert log_g[3] < -1e8 and log_not_g[3] == 0 and (log_g[:3] > -50).all()      # room 1: g = 0
     # every entry, read through a window that spells it, gets the probability all_log_probs gives it
     for e, ids in enumerate(memory.lexicon.tolist()):
         length = sum(c != data.PAD for c in ids)
-        windows = torch.tensor([ids[:length] + [CHARS[0]] * (K - length)] * 4)     # the entry then an UNK
+        # the entry then an UNK
+        windows = torch.tensor([ids[:length] + [SEG_CHARS[0]] * (SEG_K - length)] * 4)
         lex = memory.log_probs(h, room, windows)[0]
         for r in range(4):
             expected = log_p[r, e] if length <= room[r] else None
@@ -1224,19 +1286,21 @@ def test_dlm107_the_factorised_memory_normalises_one_first_character_group_only(
 
 
 def test_dlm107_lexicon_list_trie_and_checkpoint():
-    x = torch.stack([seg_caption((4, 3, 4, 4), 6)[0], seg_caption((4, 3, 4), 6)[0], seg_caption((3, 4), 6)[0]])
+    x = torch.stack([seg_caption((4, 3, 4, 4), 6)[0], seg_caption((4, 3, 4), 6)[0],
+                     seg_caption((3, 4), 6)[0]])
     # counts: 34 x3, 43 x2, 434 x2, 344 x1, 44 x1: the top 3, stored shortest first
-    lex = seg.LexicalMemory.most_frequent(x, 3, 2, 3)
+    lex = dlm107_vae_seg.LexicalMemory.most_frequent(x, 3, 2, 3)
     assert lex.tolist() == [[3, 4, 0], [4, 3, 0], [4, 3, 4]]
-    memory = seg.LexicalMemory(lex, 5, 4, 2, True)
+    memory = dlm107_vae_seg.LexicalMemory(lex, 5, 4, 2, True)
     ids = memory.entry_ids(torch.tensor([[4, 3, 4], [3, 4, 4], [4, 4, 3]]))
     assert [[memory.lexicon[i].tolist() if i >= 0 else None for i in row] for row in ids.tolist()] == [
         [None, [4, 3, 0], [4, 3, 4]], [None, [3, 4, 0], None], [None, None, None]]
     # a checkpoint's lexicon (and its grouping) is the one used after loading, not the constructor's
     model = tiny_seg()
-    other = seg.Model(ITOS, torch.tensor([[4, 4, 4], [3, 3, 0], [4, 3, 0], [3, 4, 4]]),
-                      dataclasses.replace(seg.Config(), embed=8, piece_embed=5, max_piece=K, lex_min=2, lex_max=3,
-                                          lex_key=4)).double()
+    other = dlm107_vae_seg.Model(ITOS, torch.tensor([[4, 4, 4], [3, 3, 0], [4, 3, 0], [3, 4, 4]]),
+                                 dataclasses.replace(dlm107_vae_seg.Config(), embed=8, piece_embed=5,
+                                                     max_piece=SEG_K, lex_min=2, lex_max=3,
+                                                     lex_key=4)).double()
     other.load_state_dict(model.state_dict())
     x = seg_caption((4, 3, 4, 4))
     torch.testing.assert_close(other.log_prob(x)[0], model.log_prob(x)[0])
@@ -1250,11 +1314,12 @@ def test_dlm107_chart_viterbi_posteriors_equal_enumeration_and_p_sums_to_one(kw)
         x, n = seg_caption(chars), torch.tensor([len(chars)])
         with torch.no_grad():
             log_px, (scores, ends, closing, _) = model.log_prob(x)
-            best = seg.viterbi_segmentation(ends, n)[1]
-            posteriors = seg.piece_posteriors(scores, n)
+            best = dlm107_vae_seg.viterbi_segmentation(ends, n)[1]
+            posteriors = dlm107_vae_seg.piece_posteriors(scores, n)
         Z = segmentations(len(chars))
-        joint = torch.tensor([enumerated_log_joint(scores, closing, len(chars), z) for z in Z], dtype=torch.float64)
-        torch.testing.assert_close(seg.log_joint(ends, closing, n, Z[:, None])[:, 0], joint)
+        joint = torch.tensor([enumerated_log_joint(scores, closing, len(chars), z) for z in Z],
+                             dtype=torch.float64)
+        torch.testing.assert_close(dlm107_vae_seg.log_joint(ends, closing, n, Z[:, None])[:, 0], joint)
         assert log_px.item() == pytest.approx(torch.logsumexp(joint, 0).item(), abs=1e-10)
         assert torch.equal(best[0], Z[joint.argmax()])
         total += log_px.exp().item()
@@ -1268,9 +1333,9 @@ def test_dlm107_chart_viterbi_posteriors_equal_enumeration_and_p_sums_to_one(kw)
                     start = t + 1
         torch.testing.assert_close(posteriors, expected, atol=1e-10, rtol=0)
         if len(chars):
-            cut_probs = seg.cut_probabilities(scores, n)[0]
+            cut_probs = dlm107_vae_seg.cut_probabilities(scores, n)[0]
             torch.testing.assert_close(cut_probs, ((joint - log_px).exp()[:, None] * Z).sum(0))
-    # forced ends included (pieces of K characters, captions of SLOTS-1): no mass lost, none invented
+    # forced ends included (pieces of SEG_K characters, captions of SEG_SLOTS-1): no mass lost, none invented
     assert total == pytest.approx(1.0, abs=1e-10)
 
 
@@ -1287,12 +1352,14 @@ def test_dlm107_the_memory_really_adds_mass():
 @pytest.mark.parametrize("kw", MEMORIES[:3], ids=str)
 def test_dlm107_sampler_draws_captions_and_cuts_with_the_probabilities_the_chart_scores(kw):
     model, n = tiny_seg(**kw), 20000
-    x, extra = seg.sample(model, n, seg.Config(), CPU, torch.Generator().manual_seed(0), slots=SLOTS)
+    x, extra = dlm107_vae_seg.sample(model, n, dlm107_vae_seg.Config(), CPU, torch.Generator().manual_seed(0),
+                                     slots=SEG_SLOTS)
     cuts = extra["cuts"]
     unique, counts = torch.cat([x, cuts.long()], 1).unique(dim=0, return_counts=True)
     with torch.no_grad():
-        scores, closing = model.piece_scores(unique[:, :SLOTS])
-        log_p = seg.log_joint(seg.by_end(scores), closing, data.num_chars(unique[:, :SLOTS]), unique[:, SLOTS:].bool())
+        scores, closing = model.piece_scores(unique[:, :SEG_SLOTS])
+        log_p = dlm107_vae_seg.log_joint(dlm107_vae_seg.by_end(scores), closing,
+                                         data.num_chars(unique[:, :SEG_SLOTS]), unique[:, SEG_SLOTS:].bool())
     assert log_p.exp().sum() > 0.99
     torch.testing.assert_close(counts / n, log_p.exp(), atol=0.01, rtol=0, check_dtype=False)
 
@@ -1310,19 +1377,24 @@ def test_dlm107_expected_length_is_the_enumerated_expectation_and_changes_the_tr
         log_px, (scores, _, closing, n) = model.log_prob(x)
         Z = segmentations(4)
         joint = torch.tensor([enumerated_log_joint(scores, closing, 4, z) for z in Z], dtype=torch.float64)
-        lengths = [torch.diff(torch.tensor([-1] + z.nonzero()[:, 0].tolist())) for z in Z]  # piece lengths of each z
+        # piece lengths of each z
+        lengths = [torch.diff(torch.tensor([-1] + z.nonzero()[:, 0].tolist())) for z in Z]
         expected = sum(p * (k.double() ** 2).sum() for p, k in zip((joint - log_px).exp(), lengths))
-        assert seg.expected_length_cost(scores, n, 2.0).item() == pytest.approx(expected.item(), abs=1e-10)
-        assert seg.expected_length_cost(scores, n, 1.0).item() == pytest.approx(4.0, abs=1e-10)  # beta 1: n
+        assert (dlm107_vae_seg.expected_length_cost(scores, n, 2.0).item()
+                == pytest.approx(expected.item(), abs=1e-10))
+        # beta 1: n
+        assert dlm107_vae_seg.expected_length_cost(scores, n, 1.0).item() == pytest.approx(4.0, abs=1e-10)
         assert model.loss(x).item() == pytest.approx(-log_px.item() + 0.3 * expected.item(), abs=1e-10)
         assert plain.loss(x).item() == pytest.approx(-log_px.item(), abs=1e-10)
-        nll, _ = seg.evaluate(model, x, seg.Config(eval_batch_size=5), CPU, full=False)
+        nll, _ = dlm107_vae_seg.evaluate(model, x, dlm107_vae_seg.Config(eval_batch_size=5), CPU, full=False)
         assert nll.item() == pytest.approx(-log_px.item(), abs=1e-12)  # the reported NLPPS: exact, no penalty
     # and its gradient is the gradient of the enumerated expectation (posteriors are differentiable)
     params = [p for p in model.parameters()]
-    grads = torch.autograd.grad(model.length_cost(*model.log_prob(x)[1][::3]).sum(), params, allow_unused=True)
+    grads = torch.autograd.grad(model.length_cost(*model.log_prob(x)[1][::3]).sum(), params,
+                                allow_unused=True)
     log_px, (scores, _, closing, _) = model.log_prob(x)
-    joint = torch.stack([seg.log_joint(seg.by_end(scores), closing, torch.tensor([4]), z[None, None])[0, 0] for z in Z])
+    joint = torch.stack([dlm107_vae_seg.log_joint(dlm107_vae_seg.by_end(scores), closing, torch.tensor([4]),
+                                                  z[None, None])[0, 0] for z in Z])
     enumerated = 0.3 * sum(p * (k.double() ** 2).sum() for p, k in zip((joint - log_px).exp(), lengths))
     for g, e in zip(grads, torch.autograd.grad(enumerated, params, allow_unused=True)):
         if e is not None:
@@ -1349,7 +1421,8 @@ def test_dlm123_elbo_terms_match_torch_distributions():
     log_px_z, log_pz = model.log_joint(x, z)
     prior = D.MixtureSameFamily(D.Categorical(logits=torch.zeros(4)),
                                 D.Independent(D.Normal(model.prior_means, model.prior_log_std.exp()), 1))
-    torch.testing.assert_close(log_pz, prior.log_prob(z).sum(-1))  # every slot scored, BOS-free and PAD included
+    # every slot scored, BOS-free and PAD included
+    torch.testing.assert_close(log_pz, prior.log_prob(z).sum(-1))
     decoder = D.Categorical(logits=model.decoder_log_probs(z))
     torch.testing.assert_close(log_px_z, decoder.log_prob(x).sum(-1))
     # the training loss is exactly -mean_s [log p(x|z_s) + log p(z_s)] - H[q] for the same draws
@@ -1386,14 +1459,15 @@ def test_dlm123_iw_bound_tightens_with_samples_and_equals_the_elbo_for_one():
 
 
 def test_dlm123_importance_weights_give_probabilities_that_sum_to_one():
-    # mean_m p(x, z_m) / q(z_m|x) is an unbiased estimate of p(x); over all 3^2 sequences of 2 slots the model's
-    # probabilities sum to 1 only if every latent the decoder reads is scored by the prior. A posterior scale of
-    # 1.5 (wider than the initial encoder's) keeps the importance weights light-tailed.
+    # mean_m p(x, z_m) / q(z_m|x) is an unbiased estimate of p(x); over all 3^2 sequences of 2 slots the
+    # model's probabilities sum to 1 only if every latent the decoder reads is scored by the prior. A
+    # posterior scale of 1.5 (wider than the initial encoder's) keeps the importance weights light-tailed.
     model, cfg = tiny_gmmvae(vocab_size=3, embed=2, components=3, sigma_max=4.0)
     with torch.no_grad():
         model.rho.fill_(-math.log(4.0 / 1.5 - 1))
     x = torch.tensor(list(itertools.product(range(3), repeat=2)))
-    nll, extra = dlm123_gmmvae.evaluate(model, x, dataclasses.replace(cfg, iw_samples=2000, eval_batch_size=9), CPU)
+    nll, extra = dlm123_gmmvae.evaluate(model, x,
+                                        dataclasses.replace(cfg, iw_samples=2000, eval_batch_size=9), CPU)
     assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=0.04)
     assert extra["neg_elbo"] > nll.mean().item() + 0.5  # the ELBO is a much looser bound
 
@@ -1404,7 +1478,8 @@ def test_dlm123_reinforce_and_reparam_gradients_agree_in_expectation():
     grads = {}
     for estimator in ("reparam", "reinforce"):
         loss = model.neg_elbo(x, 40000, estimator, torch.Generator().manual_seed(1)).mean()
-        grads[estimator] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+        grads[estimator] = torch.cat([g.flatten()
+                                      for g in torch.autograd.grad(loss, list(model.parameters()))])
     error = (grads["reinforce"] - grads["reparam"]).norm() / grads["reparam"].norm()
     assert error < 0.05, error
     # ... but one draw of REINFORCE is far noisier: the reason reparameterisation is the default
@@ -1427,8 +1502,8 @@ def test_dlm123_evaluation_is_seeded_and_leaves_the_training_rng_alone():
 
 
 def test_dlm123_sampler_draws_from_the_model_the_loss_scores():
-    # symbol frequencies of the sampler at the interior slots == E_{z ~ prior}[p(x_t | z)], the prior sampled by
-    # torch.distributions (a sampler that ignored the mixture means would be ~0.05 off)
+    # symbol frequencies of the sampler at the interior slots == E_{z ~ prior}[p(x_t | z)], the prior sampled
+    # by torch.distributions (a sampler that ignored the mixture means would be ~0.05 off)
     D = torch.distributions
     model, _ = tiny_gmmvae()
     with torch.no_grad():
@@ -1439,7 +1514,8 @@ def test_dlm123_sampler_draws_from_the_model_the_loss_scores():
     prior = D.MixtureSameFamily(D.Categorical(logits=torch.zeros(4, dtype=torch.double)),
                                 D.Independent(D.Normal(model.prior_means, model.prior_log_std.exp()), 1))
     with torch.no_grad():
-        expected = data.emittable(model.decoder_log_probs(prior.sample((2000, data.SLOTS)))).exp()[:, 10:90].mean((0, 1))
+        log_p = data.emittable(model.decoder_log_probs(prior.sample((2000, data.SLOTS))))
+        expected = log_p.exp()[:, 10:90].mean((0, 1))
     assert freq[data.BOS] == 0
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
@@ -1448,14 +1524,15 @@ def test_dlm123_active_dims_counts_the_dimensions_whose_mean_moves_with_the_capt
     model, _ = tiny_gmmvae(embed=6)
     means = torch.zeros(50, 7, 6, dtype=torch.double)
     means[:, :, :2] = torch.randn(50, 7, 2, dtype=torch.double)  # two dimensions carry the caption
-    means[:, :, 2] = 1e-3 * torch.randn(50, 7, dtype=torch.double)  # one moves, but far below the prior's scale
+    # one moves, but far below the prior's scale
+    means[:, :, 2] = 1e-3 * torch.randn(50, 7, dtype=torch.double)
     assert dlm123_gmmvae.active_dims(model, means) == 2
 
 
 # ============================================================================= dlm142_diffusion.py
-# Exact checks enumerate a tiny model: vocabulary PAD, <bos>, UNK, one character (+ MASK), 2 slots, T = 4.
-dlm = dlm142_diffusion
-V, L, T = 4, 2, 4
+# Exact checks enumerate a tiny model: DIFF_V = 4 symbols PAD, <bos>, UNK, one character (+ MASK),
+# DIFF_L = 2 slots, DIFF_T = 4 steps. In the shape comments, S counts the states and L the slots.
+DIFF_V, DIFF_L, DIFF_T = 4, 2, 4
 KINDS = {  # name: Config overrides
     "x0": dict(param="x0"),
     "x0-dilated": dict(param="x0", dilation="1,2", time_cond=True),
@@ -1465,15 +1542,16 @@ KINDS = {  # name: Config overrides
     "gate-uniform-dilated": dict(param="gate", noise="uniform", dilation="2,1", time_cond=True),
     "gate-uniform-transformer": dict(param="gate", noise="uniform", backbone="transformer", time_cond=True),
     "x0-hybrid": dict(param="x0", backbone="hybrid"),
-    "x0-hybrid-dilated-nomlp": dict(param="x0", backbone="hybrid", dilation="1,2", mlp_ratio=0, time_cond=True),
+    "x0-hybrid-dilated-nomlp": dict(param="x0", backbone="hybrid", dilation="1,2", mlp_ratio=0,
+                                    time_cond=True),
     "gate-uniform-hybrid": dict(param="gate", noise="uniform", backbone="hybrid", time_cond=True),
 }
 
 
-def tiny_diffusion(kind, steps=T):
+def tiny_diffusion(kind, steps=DIFF_T):
     torch.manual_seed(0)
-    cfg = dlm.Config(embed=8, depth=2, kernel=3, heads=2, diffusion_steps=steps, **KINDS[kind])
-    model = dlm.Model(V, cfg).double()
+    cfg = dlm142_diffusion.Config(embed=8, depth=2, kernel=3, heads=2, diffusion_steps=steps, **KINDS[kind])
+    model = dlm142_diffusion.Model(DIFF_V, cfg).double()
     with torch.no_grad():  # random, far-from-uniform outputs make the checks bite
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -1481,11 +1559,11 @@ def tiny_diffusion(kind, steps=T):
 
 
 def all_states(S):
-    return torch.tensor(list(itertools.product(range(S), repeat=L)))                # (S^L, L)
+    return torch.tensor(list(itertools.product(range(S), repeat=DIFF_L)))           # (S^L, L)
 
 
 def data_captions():
-    return torch.tensor([x for x in itertools.product(range(V), repeat=L) if data.BOS not in x])
+    return torch.tensor([x for x in itertools.product(range(DIFF_V), repeat=DIFF_L) if data.BOS not in x])
 
 
 def exact_diffusion_p(model):
@@ -1496,7 +1574,8 @@ def exact_diffusion_p(model):
         p = c.noise.double()[states].prod(-1)                                       # p(x_T)
         for t in range(c.T, 0, -1):
             lp = model.reverse_log_probs(states, torch.full((len(states),), t))     # (S^L, L, S)
-            p = p @ sum(lp[:, i, states[:, i]] for i in range(L)).exp()            # [a, b] = p(x_{t-1}=b | x_t=a)
+            # [a, b] = p(x_{t-1}=b | x_t=a)
+            p = p @ sum(lp[:, i, states[:, i]] for i in range(DIFF_L)).exp()
     return states, p
 
 
@@ -1510,7 +1589,7 @@ def exact_bound_terms(model, x0):
             q = c.marginal(x0[None], torch.tensor([t]))[0]                          # (L, S)
             w = q[0, states[:, 0]] * q[1, states[:, 1]]                             # q(x_t | x_0), (S^L,)
             possible = w > 0
-            terms = model.step_terms(x0.expand(int(possible.sum()), L), states[possible],
+            terms = model.step_terms(x0.expand(int(possible.sum()), DIFF_L), states[possible],
                                      torch.full((int(possible.sum()),), t))
             rows.append((w[possible, None] * terms).sum(0))
     return torch.stack(rows)
@@ -1518,15 +1597,15 @@ def exact_bound_terms(model, x0):
 
 @pytest.mark.parametrize("noise", ["uniform", "absorb"])
 def test_dlm142_posterior_matches_bayes_rule_and_the_chain_ends_at_noise(noise):
-    c = dlm.Corruption(V, T, noise)
+    c = dlm142_diffusion.Corruption(DIFF_V, DIFF_T, noise)
     S = c.states
-    a = c.alpha_bar(torch.arange(T + 1))
+    a = c.alpha_bar(torch.arange(DIFF_T + 1))
     # one-step matrices straight from the definition q(x_t | x_{t-1}) = (1 - b_t) I + b_t n
     Q = [None] + [(a[t] / a[t - 1]) * torch.eye(S) + (1 - a[t] / a[t - 1]) * c.noise.expand(S, S)
-                  for t in range(1, T + 1)]
+                  for t in range(1, DIFF_T + 1)]
     x0 = torch.tensor([[0, 2, 3]])
     marg = torch.nn.functional.one_hot(x0[0], S).float()                            # (3, S): q(x_0 | x_0)
-    for t in range(1, T + 1):
+    for t in range(1, DIFF_T + 1):
         prev, marg = marg, marg @ Q[t]
         torch.testing.assert_close(c.marginal(x0, torch.tensor([t]))[0], marg)
         for xt in itertools.product(range(S), repeat=3):
@@ -1534,7 +1613,8 @@ def test_dlm142_posterior_matches_bayes_rule_and_the_chain_ends_at_noise(noise):
             if (marg[torch.arange(3), xt[0]] == 0).any():
                 continue  # impossible x_t
             bayes = Q[t][:, xt[0]].t() * prev                                       # (3, S)
-            torch.testing.assert_close(c.posterior(x0, xt, torch.tensor([t]))[0], bayes / bayes.sum(-1, keepdim=True))
+            torch.testing.assert_close(c.posterior(x0, xt, torch.tensor([t]))[0],
+                                       bayes / bayes.sum(-1, keepdim=True))
     torch.testing.assert_close(marg, c.noise.expand(3, S))  # a_T = 0: x_T is pure noise
     assert c.prior_kl(x0).item() == pytest.approx(0.0, abs=1e-6)
 
@@ -1563,17 +1643,18 @@ def test_dlm142_x0_kernel_is_the_posterior_with_p_theta_in_place_of_x0(kind):
     c = model.corruption
     xt = all_states(c.states)
     xt = xt[~(xt == data.BOS).any(-1)]                                              # x_t never holds <bos>
-    for t in range(1, T + 1):
-        if t == T:  # a_T = 0: only the all-MASK x_T is possible
+    for t in range(1, DIFF_T + 1):
+        if t == DIFF_T:  # a_T = 0: only the all-MASK x_T is possible
             xt = xt[(xt == c.mask).all(-1)]
         tt = torch.full((len(xt),), t)
         with torch.no_grad():
             kernel = model.reverse_log_probs(xt, tt).exp()                          # (N, L, S)
             p_x0 = model.x0_log_probs(xt, tt).exp()                                 # (N, L, S)
         bayes = torch.zeros_like(kernel)
-        for j in range(V):  # sum_j p_th(x_0 = j | x_t) q(x_{t-1} | x_t, x_0 = j) at masked slots
+        for j in range(DIFF_V):  # sum_j p_th(x_0 = j | x_t) q(x_{t-1} | x_t, x_0 = j) at masked slots
             bayes += p_x0[..., j:j + 1] * c.posterior(torch.full_like(xt, j), xt, tt).double()
-        bayes = torch.where((xt == c.mask)[..., None], bayes, c.posterior(xt, xt, tt).double())  # kept: x_0 = x_t
+        # kept: x_0 = x_t
+        bayes = torch.where((xt == c.mask)[..., None], bayes, c.posterior(xt, xt, tt).double())
         torch.testing.assert_close(kernel, bayes, rtol=1e-6, atol=1e-6)  # the posterior is float32
         assert (p_x0[..., c.not_data] == 0).all()
 
@@ -1587,9 +1668,11 @@ def test_dlm142_training_and_evaluation_estimates_are_unbiased_for_the_exact_bou
     with torch.no_grad():
         torch.manual_seed(0)
         train = torch.cat([model.loss(x.repeat(8, 1)).view(8, -1) for _ in range(copies // 8)])  # (copies, 9)
-        full, extra = dlm.evaluate(model, x.repeat(copies, 1), dlm.Config(eval_batch_size=500), CPU)
-        few, few_extra = dlm.evaluate(model, x.repeat(copies, 1), dlm.Config(eval_batch_size=500, val_steps=2), CPU,
-                                      full=False)
+        full, extra = dlm142_diffusion.evaluate(model, x.repeat(copies, 1),
+                                                dlm142_diffusion.Config(eval_batch_size=500), CPU)
+        few, few_extra = dlm142_diffusion.evaluate(model, x.repeat(copies, 1),
+                                                   dlm142_diffusion.Config(eval_batch_size=500, val_steps=2),
+                                                   CPU, full=False)
     bound, few_bound = extra.pop("bound"), few_extra["bound"]
     assert bound == "-elbo" and few_bound.startswith("-elbo, estimated from 2 of 4 steps")
     for draws in (train, full.view(copies, -1), few.view(copies, -1)):  # each row: independent draws
@@ -1598,18 +1681,21 @@ def test_dlm142_training_and_evaluation_estimates_are_unbiased_for_the_exact_bou
     # the per-step terms (total and split) add up to the bound; one draw for all: same numbers every time
     per_step = torch.tensor(extra["per_step"])
     assert per_step.sum().item() == pytest.approx(full.mean().item(), rel=1e-6)
-    split = sum(torch.tensor(extra[f"per_step_{name}"]) for name in dlm.TERMS)
+    split = sum(torch.tensor(extra[f"per_step_{name}"]) for name in dlm142_diffusion.TERMS)
     torch.testing.assert_close(split, per_step)
-    again, _ = dlm.evaluate(model, x.repeat(copies, 1), dlm.Config(eval_batch_size=77), CPU)
+    again, _ = dlm142_diffusion.evaluate(model, x.repeat(copies, 1),
+                                         dlm142_diffusion.Config(eval_batch_size=77), CPU)
     torch.testing.assert_close(again, full)
 
 
-@pytest.mark.parametrize("kind", ["x0", "gate-uniform-dilated", "x0-transformer", "x0-hybrid", "gate-uniform-hybrid"])
+@pytest.mark.parametrize("kind", ["x0", "gate-uniform-dilated", "x0-transformer", "x0-hybrid",
+                                  "gate-uniform-hybrid"])
 def test_dlm142_sampler_draws_from_the_exact_model_distribution(kind):
     model = tiny_diffusion(kind)
     states, p = exact_diffusion_p(model)
     n = 4000
-    draws, _ = dlm.sample(model, n, dlm.Config(), CPU, torch.Generator().manual_seed(0), slots=L)  # (n, L)
+    draws, _ = dlm142_diffusion.sample(model, n, dlm142_diffusion.Config(), CPU,
+                                       torch.Generator().manual_seed(0), slots=DIFF_L)  # (n, L)
     assert not model.corruption.not_data[draws].any()  # no MASK, no <bos>
     index = (draws[:, 0] * model.corruption.states + draws[:, 1])
     counts = torch.bincount(index, minlength=len(states)).double()
@@ -1621,29 +1707,32 @@ def test_dlm142_sampler_draws_from_the_exact_model_distribution(kind):
 
 
 def test_dlm142_dilation_cycle_and_flag_errors():
-    assert dlm.dilation_cycle("1,2,4,8", 6) == [1, 2, 4, 8, 1, 2]
-    assert dlm.dilation_cycle("1", 3) == [1, 1, 1]
+    assert dlm142_diffusion.dilation_cycle("1,2,4,8", 6) == [1, 2, 4, 8, 1, 2]
+    assert dlm142_diffusion.dilation_cycle("1", 3) == [1, 1, 1]
     conv = tiny_diffusion("x0-dilated").backbone.convs
     assert [c.dilation[0] for c in conv] == [1, 2] and [c.padding[0] for c in conv] == [1, 2]
     for bad in ("", "1,x", "0", "2,-1"):
-        with pytest.raises(dlm.RunError, match="--dilation"):
-            dlm.dilation_cycle(bad, 3)
-    with pytest.raises(dlm.RunError, match="--heads"):
-        dlm.Model(V, dlm.Config(backbone="transformer", embed=10, heads=4))
-    with pytest.raises(dlm.RunError, match="--param gate"):
-        dlm.Model(V, dlm.Config(noise="uniform"))
-    with pytest.raises(dlm.RunError, match="--no-copy"):
-        dlm.Model(V, dlm.Config(copy=False))
+        with pytest.raises(dlm142_diffusion.RunError, match="--dilation"):
+            dlm142_diffusion.dilation_cycle(bad, 3)
+    with pytest.raises(dlm142_diffusion.RunError, match="--heads"):
+        dlm142_diffusion.Model(DIFF_V, dlm142_diffusion.Config(backbone="transformer", embed=10, heads=4))
+    with pytest.raises(dlm142_diffusion.RunError, match="--param gate"):
+        dlm142_diffusion.Model(DIFF_V, dlm142_diffusion.Config(noise="uniform"))
+    with pytest.raises(dlm142_diffusion.RunError, match="--no-copy"):
+        dlm142_diffusion.Model(DIFF_V, dlm142_diffusion.Config(copy=False))
 
 
 def test_dlm142_headline_command_is_the_notes_network():
-    cfg, given = common.parse_flags(dlm.Config, "", ["--embed", "50", "--depth", "11", "--lr", "1e-4"])
-    assert (cfg.backbone, cfg.embed, cfg.depth, cfg.kernel, cfg.dilation, cfg.lr) == ("cnn", 50, 11, 5, "1", 1e-4)
+    cfg, given = common.parse_flags(dlm142_diffusion.Config, "",
+                                    ["--embed", "50", "--depth", "11", "--lr", "1e-4"])
+    assert ((cfg.backbone, cfg.embed, cfg.depth, cfg.kernel, cfg.dilation, cfg.lr)
+            == ("cnn", 50, 11, 5, "1", 1e-4))
     assert given == {"embed", "depth", "lr"}
-    cfg, _ = common.parse_flags(dlm.Config, "", ["--param", "gate", "--no-copy", "--noise", "uniform", "--time-cond"])
+    cfg, _ = common.parse_flags(dlm142_diffusion.Config, "",
+                                ["--param", "gate", "--no-copy", "--noise", "uniform", "--time-cond"])
     assert (cfg.param, cfg.copy, cfg.noise, cfg.time_cond) == ("gate", False, "uniform", True)
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-        common.parse_flags(dlm.Config, "", ["--depth", "0"])
+        common.parse_flags(dlm142_diffusion.Config, "", ["--depth", "0"])
 
 
 def test_dlm142_test_record_splits_the_bound_by_step_and_term(finished):
@@ -1657,8 +1746,8 @@ def test_dlm142_test_record_splits_the_bound_by_step_and_term(finished):
 
 def test_dlm142_gate_run_with_uniform_noise_and_the_x0_uniform_refusal(tiny_data, tmp_path):
     base = tiny_args("dlm142_diffusion", tiny_data, tmp_path, "--epochs", "1")
-    out = call_ok("dlm142_diffusion", base + ["--param", "gate", "--noise", "uniform", "--backbone", "transformer",
-                                              "--heads", "3"])
+    out = call_ok("dlm142_diffusion", base + ["--param", "gate", "--noise", "uniform",
+                                              "--backbone", "transformer", "--heads", "3"])
     test = [r for r in read_metrics(tmp_path / "dlm142_diffusion" / "default") if r["kind"] == "test"][-1]
     assert sum(test["per_step_reveal"]) == 0 and sum(test["per_step_copy"]) > 0
     assert "<bos>" not in out
@@ -1673,12 +1762,12 @@ def n_params(model):
 
 def test_dlm142_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
     torch.manual_seed(0)
-    attention = dlm.RotaryAttention(16, heads=2)
+    attention = dlm142_diffusion.RotaryAttention(16, heads=2)
     q, k = torch.randn(2, 8), torch.randn(2, 8)                             # one query and one key, 2 heads
     cos, sin = attention.cos, attention.sin                                  # (L, Dh/2)
 
     def at(x, i):                                                            # x rotated to slot i
-        return dlm.rotate(x[None, :, None], cos[i:i + 1], sin[i:i + 1])[0, :, 0]
+        return dlm142_diffusion.rotate(x[None, :, None], cos[i:i + 1], sin[i:i + 1])[0, :, 0]
 
     score = lambda i, j: (at(q, i) * at(k, j)).sum(-1)  # noqa: E731       # (2,) per head
     for i, j, shift in [(3, 1, 10), (0, 7, 50), (5, 5, 94)]:
@@ -1696,7 +1785,8 @@ def test_dlm142_attention_backbones_see_every_slot_and_the_cnn_does_not(backbone
     y[0, 0] = 3 if x[0, 0] != 3 else 4                                       # a change at slot 0 ...
     for name, reaches in [(backbone, True), ("cnn", False)]:  # the CNN E96 D6 k5 reaches 12 slots each way
         torch.manual_seed(0)
-        model = dlm.Model(92, dlm.Config(backbone=name, embed=32, depth=2 if name != "cnn" else 6))
+        model = dlm142_diffusion.Model(92, dlm142_diffusion.Config(backbone=name, embed=32,
+                                                                   depth=2 if name != "cnn" else 6))
         with torch.no_grad():
             changed = model.logits(x, t)[0] != model.logits(y, t)[0]        # (1, L, S)
         assert changed[0, -1].any() == reaches                               # ... at the last slot
@@ -1708,20 +1798,23 @@ def test_dlm142_attention_backbones_see_every_slot_and_the_cnn_does_not(backbone
 
 
 def test_dlm142_attention_parameter_counts_and_flags():
-    cnn = dlm.Model(92, dlm.Config())
-    tf = dlm.Model(92, dlm.Config(backbone="transformer", embed=80, depth=3))
-    hybrid = dlm.Model(92, dlm.Config(backbone="hybrid", embed=80, depth=3))
+    cnn = dlm142_diffusion.Model(92, dlm142_diffusion.Config())
+    tf = dlm142_diffusion.Model(92, dlm142_diffusion.Config(backbone="transformer", embed=80, depth=3))
+    hybrid = dlm142_diffusion.Model(92, dlm142_diffusion.Config(backbone="hybrid", embed=80, depth=3))
     assert 0.8 < n_params(tf) / n_params(cnn) < 1.25
     # a hybrid block is a transformer block plus the CNN's conv (E^2 k weights + E biases)
     assert n_params(hybrid) - n_params(tf) == 3 * (80 * 80 * 5 + 80)
-    no_mlp = dlm.Model(92, dlm.Config(backbone="hybrid", embed=80, depth=3, mlp_ratio=0))
+    no_mlp = dlm142_diffusion.Model(92, dlm142_diffusion.Config(backbone="hybrid", embed=80, depth=3,
+                                                                mlp_ratio=0))
     assert n_params(hybrid) - n_params(no_mlp) == 3 * (2 * 80 + 80 * 320 + 320 + 320 * 80 + 80)
-    assert not any("cos" in k or "sin" in k for k in hybrid.state_dict())  # the fixed angles stay out of checkpoints
-    with pytest.raises(dlm.RunError, match="--heads"):
-        dlm.Model(V, dlm.Config(backbone="hybrid", embed=10, heads=4))
-    with pytest.raises(dlm.RunError, match="even"):
-        dlm.Model(V, dlm.Config(backbone="transformer", embed=12, heads=4))  # Dh = 3: no pairs to rotate
-    cfg, _ = common.parse_flags(dlm.Config, "", ["--backbone", "hybrid", "--mlp-ratio", "0"])
+    # the fixed angles stay out of checkpoints
+    assert not any("cos" in k or "sin" in k for k in hybrid.state_dict())
+    with pytest.raises(dlm142_diffusion.RunError, match="--heads"):
+        dlm142_diffusion.Model(DIFF_V, dlm142_diffusion.Config(backbone="hybrid", embed=10, heads=4))
+    with pytest.raises(dlm142_diffusion.RunError, match="even"):
+        # Dh = 3: no pairs to rotate
+        dlm142_diffusion.Model(DIFF_V, dlm142_diffusion.Config(backbone="transformer", embed=12, heads=4))
+    cfg, _ = common.parse_flags(dlm142_diffusion.Config, "", ["--backbone", "hybrid", "--mlp-ratio", "0"])
     assert (cfg.backbone, cfg.mlp_ratio) == ("hybrid", 0)
 
 
@@ -1729,13 +1822,14 @@ def test_dlm142_attention_parameter_counts_and_flags():
 def test_dlm142_a_tiny_attention_run_trains_evaluates_and_samples(backbone, tiny_data, tmp_path):
     call_ok("dlm142_diffusion", tiny_args("dlm142_diffusion", tiny_data, tmp_path, "--epochs", "1",
                                           "--backbone", backbone, "--heads", "2"))
-    test = [r for r in dlm.read_metrics(tmp_path / "dlm142_diffusion" / "default") if r["kind"] == "test"][-1]
+    test = [r for r in dlm142_diffusion.read_metrics(tmp_path / "dlm142_diffusion" / "default")
+            if r["kind"] == "test"][-1]
     assert test["bound"] == "-elbo" and len(test["per_step"]) == 8 and math.isfinite(test["nlpps"])
 
 
 # ============================================================================= compare.py
-def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound="exact", data_label="multi30k",
-             per_step=None, **args):
+def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound="exact",
+             data_label="multi30k", per_step=None, **args):
     run_dir = root / script / name
     run_dir.mkdir(parents=True)
     (run_dir / "args.json").write_text(json.dumps({"epochs": epochs, "lr": 0.5, "run_name": name, **args}))
@@ -1745,19 +1839,21 @@ def fake_run(root, script, name, values, vocab=("<pad>", "a"), epochs=20, bound=
                     data=data_label, per_step=per_step)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in values))
-    dlm100_rnn.save_checkpoint(dict(script=script, model={"w": torch.zeros(7), "buffer": torch.zeros(1)}, n_params=7,
-                                vocab=list(vocab)), run_dir / "ckpt_best.pt")
+    dlm100_rnn.save_checkpoint(dict(script=script, model={"w": torch.zeros(7), "buffer": torch.zeros(1)},
+                                    n_params=7, vocab=list(vocab)), run_dir / "ckpt_best.pt")
     return str(run_dir)
 
 
 def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
     n = 31
     a = fake_run(tmp_path, "dlm100_rnn", "a", [50.0] + [10.0 + 0.01 * i for i in range(1, n)])
+    # run flags are not hyper-parameters, epochs is
     b = fake_run(tmp_path, "dlm142_diffusion", "b", [20.0] * 3 + [1.0] + [20.0] * (n - 4), bound="elbo",
-                 epochs=0.34, max_steps=5, per_step=[1.0, 2.0])  # run flags are not hyper-parameters, epochs is
+                 epochs=0.34, max_steps=5, per_step=[1.0, 2.0])
     out = tmp_path / "cmp"
     text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(out), "--top", "1"])
-    assert "| dlm100_rnn/a | lr=0.5 | 7 | 20 | 11.44 | 1.5000 | exact | 123 |" in text  # parameters, not buffers
+    # parameters, not buffers
+    assert "| dlm100_rnn/a | lr=0.5 | 7 | 20 | 11.44 | 1.5000 | exact | 123 |" in text
     assert "| dlm142_diffusion/b | epochs=0.34 lr=0.5 | 7 | 0.34 |" in text  # fractional epochs shown
     assert "dlm100_rnn/a wins on 93.5% of the captions, dlm142_diffusion/b on 6.5%" in text
     captions = data.read_captions(tiny_data / "test_2016_flickr.en.gz")
@@ -1776,7 +1872,8 @@ def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
     with pytest.raises(compare.UserError, match="different vocabularies"):
         compare.compare([a, other, "--data-dir", str(tiny_data), "--out", str(out)])
     for label, flags in (("custom data", {"custom_data": True}), ("spaces removed", {"spaces": False})):
-        odd = fake_run(tmp_path, "dlm107_vae_seg", label.replace(" ", "_"), [1.0] * n, data_label=label, **flags)
+        odd = fake_run(tmp_path, "dlm107_vae_seg", label.replace(" ", "_"), [1.0] * n, data_label=label,
+                       **flags)
         with pytest.raises(compare.UserError, match=f"scored on {label}.*not comparable"):
             compare.compare([a, odd, "--data-dir", str(tiny_data), "--out", str(out)])
     proc = subprocess.run([sys.executable, str(HERE / "compare.py"), a, str(tmp_path / "nothing")],
@@ -1801,19 +1898,19 @@ def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_ou
         compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(blocker)])
 
 
-# ----------------------------------------------------------------------------- compare.py: budgets and run control
-N = 6  # test captions of the budget runs
+# ----------------------------------------------------------------------- compare.py: budgets and run control
+BUDGET_CAPTIONS = 6  # test captions of the budget runs
 OLD_LOG = ("{script} | new run | 20 epochs | 212,896 parameters | 29,000 training captions | cpu | "
            "290 steps/epoch | run folder out/{script}/{name}\nstep 1 | epoch 0.00 | train nlpps 440.04\n")
 
 
 @pytest.fixture
 def test_dir(tmp_path):
-    """A data folder holding only the test file, N captions."""
+    """A data folder holding only the test file, BUDGET_CAPTIONS captions."""
     folder = tmp_path / "multi30k"
     folder.mkdir()
     with gzip.open(folder / data.FILES["test"], "wt", encoding="utf-8") as f:
-        f.write("".join(f"A dog runs {i} times.\n" for i in range(N)))
+        f.write("".join(f"A dog runs {i} times.\n" for i in range(BUDGET_CAPTIONS)))
     return folder
 
 
@@ -1828,7 +1925,7 @@ def budget_run(root, script, name, nlpps, tests=({},), log=None, lines=None):
     test = dict(kind="test", step=2, epoch=20, nlpps=nlpps, bpc=1.0, bound="exact", data="multi30k")
     records += [{**test, **extra} for extra in tests]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run_dir / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in lines or [nlpps] * N))
+    (run_dir / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in lines or [nlpps] * BUDGET_CAPTIONS))
     torch.save(dict(script=script, model={"w": torch.zeros(7)}, n_params=7, vocab=["<pad>", "a"]),
                run_dir / "ckpt_best.pt")
     if log is not None:
@@ -1994,9 +2091,10 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     assert (proc.returncode, err) == (130, "compare: interrupted\n")
 
 
-# ----------------------------------------------------------------------------- runs made on a plain-text folder
+# --------------------------------------------------------------------------- runs made on a plain-text folder
+# the test lines: 6 sequences (BUDGET_CAPTIONS) once the blank lines are skipped
 PLAIN_TEST = ["a cat sits on a mat.", "", "two dogs run.", "   ", "a bird sings in a tree.", "", "the end.",
-              "one more line here.", "last."]  # N = 6 sequences once the blank lines are skipped
+              "one more line here.", "last."]
 
 
 @pytest.fixture
@@ -2030,9 +2128,9 @@ def test_runs_on_a_plain_text_folder_compare_on_its_non_blank_test_lines(plain_d
                                                                          monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     scored = [line for line in PLAIN_TEST if line.strip()]
-    assert len(scored) == N
+    assert len(scored) == BUDGET_CAPTIONS
     a = plain_text_run(tmp_path, "a", plain_dir, [5.0, 1.0, 5.0, 5.0, 5.0, 9.0])  # a best on "two dogs run."
-    b = plain_text_run(tmp_path, "b", plain_dir, [5.0] * N)                     # b best on "last."
+    b = plain_text_run(tmp_path, "b", plain_dir, [5.0] * BUDGET_CAPTIONS)         # b best on "last."
     assert compare.layout_of(compare.load_run(a)) == "plain text"
     out = tmp_path / "cmp"
     text = compare.compare([a, b, "--data-dir", str(plain_dir), "--out", str(out), "--top", "1"])
@@ -2043,14 +2141,15 @@ def test_runs_on_a_plain_text_folder_compare_on_its_non_blank_test_lines(plain_d
 
     # No folder named: a line saying which to pass (never Multi30k from the cache).
     monkeypatch.delenv(data.ENV_VAR)
-    with pytest.raises(compare.UserError, match=f"plain-text folder \\(they recorded --data-dir {plain_dir}\\): "
-                                                "pass --data-dir"):
+    with pytest.raises(compare.UserError, match=f"plain-text folder \\(they recorded --data-dir "
+                                                f"{plain_dir}\\): pass --data-dir"):
         compare.compare([a, b, "--out", str(out)])
     # Kept apart from Multi30k runs, published or custom, as before.
     for name, args in (("m30k", {}), ("m30k_custom", {"custom_data": True})):
         other = Path(budget_run(tmp_path, "dlm100_rnn", name, 5.0))
         (other / "args.json").write_text(json.dumps({"epochs": 20, "run_name": name, **args}))
-        with pytest.raises(compare.UserError, match="on custom data, plain text: different strings, not comparable"):
+        with pytest.raises(compare.UserError,
+                           match="on custom data, plain text: different strings, not comparable"):
             compare.compare([a, str(other), "--data-dir", str(test_dir), "--out", str(out)])
     # A test file changed since the runs scored it: refused, even with the same number of lines.
     with gzip.open(plain_dir / "test.txt.gz", "wt", encoding="utf-8") as f:
