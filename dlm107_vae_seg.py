@@ -1114,11 +1114,12 @@ def run(argv=None):
     last_step = min(total_steps, cfg.max_steps or total_steps)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
-    step, best_val, train_seconds = 0, math.inf, 0.0
+    step, best_val, train_seconds, losses = 0, math.inf, 0.0, []
     try:
         if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
             model.load_state_dict(ckpt["model"])
             step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+            losses = ckpt.get("train_losses", []) if cfg.resume else []  # since the last train record
         if cfg.resume:
             optimizer.load_state_dict(ckpt["optimizer"])
             order.set_state(ckpt["epoch_rng"])
@@ -1148,7 +1149,7 @@ def run(argv=None):
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
         log(run_dir, found["summary"])
-        losses, seen, window_t0, epoch_batches = [], 0, time.time(), None
+        seen, window_t0, epoch_batches = 0, time.time(), None
         while step < last_step:
             if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
                 epoch_rng, epoch_t0 = order.get_state(), time.time()
@@ -1191,7 +1192,7 @@ def run(argv=None):
                          args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256,
                          best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
-                         torch_rng=torch.get_rng_state(), **progress())
+                         torch_rng=torch.get_rng_state(), train_losses=losses, **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
                 save_checkpoint(state, run_dir / "ckpt_best.pt")
             save_checkpoint(state, run_dir / "ckpt_last.pt")

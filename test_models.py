@@ -583,6 +583,61 @@ def test_eval_only_repeats_the_test_number_and_sample_only_prints_samples(script
         assert "eval test" in out
 
 
+def test_a_non_finite_val_stops_before_anything_is_saved(tiny_data, tmp_path, monkeypatch):
+    real_evaluate, calls = dlm100_rnn.evaluate, []
+
+    def nan_at_the_second_epoch(model, x, cfg, device, full=True):
+        nll, extra = real_evaluate(model, x, cfg, device, full)
+        calls.append(full)
+        return nll * (float("nan") if len(calls) == 2 else 1), extra
+
+    run_dir = tmp_path / "dlm100_rnn" / "default"
+    monkeypatch.setattr(dlm100_rnn, "evaluate", nan_at_the_second_epoch)
+    code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--epochs", "3"))
+    assert_one_line_error(code, err, "non-finite val NLPPS at step 8", "stopped before saving")
+    last = dlm100_rnn.load_checkpoint(run_dir / "ckpt_last.pt")
+    assert last["step"] == 4 and math.isfinite(last["best_val"])  # the good one: --resume can go on
+
+
+def test_resumed_records_equal_straight_ones_at_any_log_every_and_a_finished_run_has_one_test(tiny_data,
+                                                                                               tmp_path):
+    base = tiny_args("dlm100_rnn", tiny_data, tmp_path, "--epochs", "3", "--log-every", "5")
+    call_ok("dlm100_rnn", base + ["--run-name", "straight"])
+    call_ok("dlm100_rnn", base + ["--run-name", "split", "--max-steps", "7"])
+    call_ok("dlm100_rnn", base + ["--run-name", "split", "--resume"])
+    call_ok("dlm100_rnn", base + ["--run-name", "split", "--resume"])  # finished: re-scored, recorded once
+    straight, split = (tmp_path / "dlm100_rnn" / name for name in ("straight", "split"))
+    assert read_records(straight, "train") == read_records(split, "train")
+    assert read_records(straight, "test") == read_records(split, "test")
+
+
+def test_run_control_answers_in_one_line(finished, tiny_data, tmp_path, monkeypatch):
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    code, _, err = call("dlm100_rnn", ["--sample-only", "--show-samples", "0", "--out-dir", str(out_dir)])
+    assert_one_line_error(code, err, "would print nothing")
+    (run_dir / "ckpt_best.pt").unlink()  # a run stopped before its first val: --resume, not --overwrite
+    code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    assert_one_line_error(code, err, "no best checkpoint yet: --resume continues it")
+    (run_dir / "sub").mkdir()  # --overwrite empties a folder that holds a folder too
+    call_ok("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, out_dir, "--overwrite", "--max-steps", "1"))
+    assert not (run_dir / "sub").exists()
+    with open(run_dir / "metrics.jsonl", "a") as f:  # a torn last line: --eval-only's records stay whole
+        f.write('{"kind": "val", "st')
+    call_ok("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and json.loads(lines[-1])["kind"] == "test"
+
+    def too_big(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 120000000000 bytes.\nmore")
+    monkeypatch.setattr(dlm100_rnn, "build_model", too_big)
+    code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--run-name", "big"))
+    assert_one_line_error(code, err, "out of memory", "120000000000 bytes")
+    code, _, err = call("dlm107_vae_seg", ["--dtype", "bfloat16", "--run-name", "bf16"])
+    assert_one_line_error(code, err, "--dtype bfloat16 is not supported by dlm107")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, tiny_data, tmp_path, monkeypatch):
     module, calls = MODULES[script], {"n": 0}
