@@ -165,19 +165,19 @@ class Corruption:
         a_prev, a = self.alpha_bar(t - 1, dtype), self.alpha_bar(t, dtype)
         return (a_prev - a) / (1 - a)
 
-    def marginal(self, x0, t):
-        """q(x_t | x_0) for x0 (..., L) and t (...,) -> (..., L, S)."""
-        a = self.alpha_bar(t)[..., None, None]
-        return a * F.one_hot(x0, self.states) + (1 - a) * self.noise.to(x0.device)
+    def marginal(self, x0, t, dtype=torch.float32):
+        """q(x_t | x_0) for x0 (..., L) and t (...,) -> (..., L, S), in the caller's dtype."""
+        a = self.alpha_bar(t, dtype)[..., None, None]
+        return a * F.one_hot(x0, self.states) + (1 - a) * self.noise.to(x0.device, dtype)
 
-    def posterior(self, x0, xt, t):
+    def posterior(self, x0, xt, t, dtype=torch.float32):
         """q(x_{t-1} = j | x_t, x_0) ∝ q(x_t | x_{t-1} = j) q(x_{t-1} = j | x_0), for t >= 1
-        -> (..., L, S)."""
-        a_prev, a = self.alpha_bar(t - 1)[..., None, None], self.alpha_bar(t)[..., None, None]
+        -> (..., L, S), in the caller's dtype (a float64 model gets float64 terms)."""
+        a_prev, a = self.alpha_bar(t - 1, dtype)[..., None, None], self.alpha_bar(t, dtype)[..., None, None]
         beta = 1 - a / a_prev
         likelihood = ((1 - beta) * F.one_hot(xt, self.states)
-                      + beta * self.noise.to(xt.device)[xt].unsqueeze(-1))
-        joint = likelihood * self.marginal(x0, t - 1)
+                      + beta * self.noise.to(xt.device, dtype)[xt].unsqueeze(-1))
+        joint = likelihood * self.marginal(x0, t - 1, dtype)
         return joint / joint.sum(-1, keepdim=True)
 
     def sample(self, x0, t, generator=None):
@@ -381,7 +381,7 @@ class Model(nn.Module):
             token = c.reveal_prob(t, nll.dtype).to(xt.device) * torch.where(changed, nll, 0.0).sum(-1)
             return torch.stack([torch.zeros_like(token), token, torch.zeros_like(token)], -1)
         log_p = self.reverse_log_probs(xt, t)
-        q = c.posterior(x0, xt, t)
+        q = c.posterior(x0, xt, t, log_p.dtype)
         # where q_j = 0 the KL term is 0 even if p_j = 0 too (xlogy and where avoid 0 * inf)
         kl = (torch.xlogy(q, q) - torch.where(q > 0, q * log_p, 0.0)).sum(-1)  # (N, L)
         reveal = torch.zeros_like(kl)
