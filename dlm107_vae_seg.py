@@ -94,6 +94,9 @@ class Config:
                                "start state")
     lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)",
                         low=0, part="the model: the lexical memory")
+    lexicon_chars: int = flag(0, "M from the corpus instead: one entry per this many training characters "
+                              "(88 gives Multi30k's 20,000; a small corpus, a small memory); 0: --lexicon",
+                              low=0)
     lex_min: int = flag(2, "shortest substring in the lexicon", low=1)
     lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
@@ -611,9 +614,15 @@ def check_flags(cfg):
         raise RunError("--dtype bfloat16 is not supported by dlm107 (its chart keeps float32 tables)")
 
 
+def lexicon_size(train, cfg):
+    """M: --lexicon, or with --lexicon-chars C one entry per C training characters (a rule of the corpus)."""
+    return round(int(data.num_chars(train).sum()) / cfg.lexicon_chars) if cfg.lexicon_chars else cfg.lexicon
+
+
 def build_model(vocab, train, cfg):
-    """The model, with its lexicon: the --lexicon most frequent training substrings."""
-    lexicon = LexicalMemory.most_frequent(train, cfg.lexicon, cfg.lex_min, cfg.lex_max or cfg.max_piece)
+    """The model, with its lexicon: the M most frequent training substrings (lexicon_size)."""
+    lex_max = cfg.lex_max or cfg.max_piece
+    lexicon = LexicalMemory.most_frequent(train, lexicon_size(train, cfg), cfg.lex_min, lex_max)
     return Model(vocab.itos, lexicon, cfg)
 
 

@@ -1290,6 +1290,16 @@ def test_dlm107_segment_prints_the_words_of_each_line_of_a_file_and_names_unseen
     assert_one_line_error(*call("dlm107_vae_seg", ["--segment-out", "x.txt"])[::2], "--segment FILE")
 
 
+def test_dlm107_lexicon_chars_sizes_the_memory_by_the_corpus():
+    train = torch.tensor([data.Vocab(list("ab")).encode("ab" * 10)] * 44)  # 880 characters
+    cfg = dlm107_vae_seg.Config(lexicon_chars=88)
+    assert dlm107_vae_seg.lexicon_size(train, cfg) == 10
+    assert dlm107_vae_seg.lexicon_size(train, dlm107_vae_seg.Config(lexicon=7)) == 7  # 0: --lexicon as given
+    if HAVE_REAL_DATA:  # 88 is Multi30k's own ratio: about its default 20,000 entries
+        _, splits, _, _ = data.load(str(REAL_DATA))
+        assert abs(dlm107_vae_seg.lexicon_size(splits["train"], cfg) - 20000) < 200
+
+
 def test_dlm107_bad_flag_combinations_are_one_line_errors(tiny_data, tmp_path):
     base = SEG_TINY + ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert_one_line_error(*call("dlm107_vae_seg", base + ["--lex-max", "7"])[::2], "--max-piece")
