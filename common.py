@@ -103,9 +103,9 @@ def flag(default, help, *, choices=None, low=None, high=None, above=None, part=N
 
 def run_flags(config_cls) -> set[str]:
     """The flags of the RUN_CONTROL section: how a command runs, which a checkpoint does not keep."""
-    names = [f.name for f in dataclasses.fields(config_cls)]
-    first = next(i for i, f in enumerate(dataclasses.fields(config_cls)) if f.metadata["part"] == RUN_CONTROL)
-    return set(names[first:])
+    fields = dataclasses.fields(config_cls)
+    first = next(i for i, f in enumerate(fields) if f.metadata["part"] == RUN_CONTROL)
+    return {f.name for f in fields[first:]}
 
 
 def _checked(kind, m):

@@ -207,10 +207,7 @@ def read_test_captions(runs: list[Run], data_dir: str | None) -> list[str]:
     if recorded is not None and data._sha256(path) != recorded:
         raise UserError(f"{path} is not the test file {run.name} scored (SHA-256 differs): "
                         "not comparable")
-    captions = data.read_captions(path)
-    if layout_of(run) == "plain text":
-        captions = [line for line in captions if line.strip()]  # data.load()'s rule for plain text
-    return captions
+    return data.read_split(path, layout_of(run))
 
 
 # A script's RUN_FLAGS say how a run ran, not what it is; these few change its number.

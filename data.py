@@ -145,6 +145,12 @@ def read_captions(path: Path) -> list[str]:
                         f"{why.get(type(e), str(e).splitlines()[0][:100] or 'corrupt')}") from None
 
 
+def read_split(path: Path, layout: str) -> list[str]:
+    """A split's sequences: every line of a Multi30k file, the non-blank lines of a plain-text one."""
+    lines = read_captions(path)
+    return [line for line in lines if line.strip()] if layout == "plain text" else lines
+
+
 def removed_spaces(lines: list[str]) -> torch.Tensor:
     """(N, SLOTS) bool: True at slot t when a space followed character t of the caption without its spaces."""
     gold = torch.zeros(len(lines), SLOTS, dtype=torch.bool)
@@ -186,9 +192,7 @@ def load(data_dir: str | None = None, custom: bool = False,
         if not custom and sha256[path.name] != SHA256[path.name]:
             raise DataError(f"{path} is not the published {path.name} (SHA-256 mismatch), so its numbers "
                             "would not be comparable; pass --custom-data to use other files on purpose")
-        lines[split] = read_captions(path)
-        if layout == "plain text":
-            lines[split] = [line for line in lines[split] if line.strip()]
+        lines[split] = read_split(path, layout)
         if not any(line.strip() for line in lines[split]):
             raise DataError(f"{path} holds no {'captions' if layout == 'multi30k' else 'sequences'}")
     spaces = {}

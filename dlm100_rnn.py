@@ -194,7 +194,7 @@ def sample(model, n, cfg, device, generator):
 # ============================================================================= the run
 # The same text in every script of the family, but for the lines where a model needs more (a test checks
 # that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
-RUN_FLAGS = common.run_flags(Config)  # how a command runs: a checkpoint keeps every other flag
+RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a checkpoint keeps the rest
 
 
 def as_flag(name, value):
