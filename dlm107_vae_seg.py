@@ -52,12 +52,10 @@ import io
 import itertools
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
@@ -85,7 +83,7 @@ class RunError(Exception):
     """Bad input, or a stop the user must hear about: main() prints it in one line, never a traceback."""
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     embed: int = flag(128, "embedding and context GRU width E", low=1, part="the model: context and pieces")
     piece_embed: int = flag(64, "piece-decoder GRU width D", low=1)
@@ -943,7 +941,7 @@ def save_checkpoint(state, path):
     torch.save(state, buffer)
     try:
         tmp.write_bytes(buffer.getbuffer())
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if not isinstance(e, OSError):
@@ -1056,8 +1054,8 @@ def plot_curves(run_dir, title):
     segmentation.grid(alpha=0.3)
     segmentation.legend()
     for kind, style in (("train", ".-"), ("val", "o-")):
-        points = np.array([(r["epoch"], r["nlpps"]) for r in records if r["kind"] == kind]).reshape(-1, 2)
-        ax.plot(points[:, 0], points[:, 1], style, markersize=3, label=kind)
+        of_kind = [r for r in records if r["kind"] == kind]
+        ax.plot([r["epoch"] for r in of_kind], [r["nlpps"] for r in of_kind], style, markersize=3, label=kind)
     ax.set(xlabel="epoch", ylabel="NLPPS (nats per caption)", title=title, yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -28,17 +28,14 @@ import fcntl
 import io
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
 import matplotlib
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,7 +56,7 @@ class RunError(Exception):
     """Bad input, or a stop the user must hear about: main() prints it in one line, never a traceback."""
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     embed: int = flag(32, "latent, embedding and conv width E", low=1, part="the model")
     components: int = flag(30, "Gaussian components C of the prior", low=1)
@@ -381,7 +378,7 @@ def save_checkpoint(state, path):
     torch.save(state, buffer)
     try:
         tmp.write_bytes(buffer.getbuffer())
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if not isinstance(e, OSError):
@@ -488,8 +485,8 @@ def plot_curves(run_dir, title):
     records = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, style in (("train", ".-"), ("val", "o-")):
-        points = np.array([(r["epoch"], r["nlpps"]) for r in records if r["kind"] == kind]).reshape(-1, 2)
-        ax.plot(points[:, 0], points[:, 1], style, markersize=3, label=kind)
+        of_kind = [r for r in records if r["kind"] == kind]
+        ax.plot([r["epoch"] for r in of_kind], [r["nlpps"] for r in of_kind], style, markersize=3, label=kind)
     ax.set(xlabel="epoch", ylabel="NLPPS (nats per caption)", title=title, yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
