@@ -53,8 +53,7 @@ class RunError(Exception):
 @dataclasses.dataclass
 class Config:
     embed: int = flag(128, "embedding and GRU width E", low=1, part="the model")
-    head: str = flag("mos", "output head: mixture of softmaxes or a plain softmax",
-                     choices=("mos", "softmax"))
+    head: str = flag("mos", "a mixture of softmaxes, or a plain softmax", choices=("mos", "softmax"))
     components: int = flag(400, "mixture components C of the mos head", low=1)
     dropout: float = flag(0.0, "dropout on the GRU's input embeddings and on its normalised output before "
                           "the head (training only; 0: off)", low=0, high=0.9)
@@ -105,7 +104,6 @@ class Model(nn.Module):
         E, C = cfg.embed, cfg.components
         self.head = cfg.head
         self.embed = nn.Embedding(vocab_size, E)  # N(0, 1); also the output matrix (tied)
-        self.bos = data.BOS
         self.rnn = nn.GRU(E, E, batch_first=True)
         # nn.Identity when p = 0: draws no noise, so the model and its training are today's, step for step
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
@@ -147,7 +145,7 @@ class Model(nn.Module):
 
     def loss(self, x):
         """x (B, 100) captions -> (B,) -log p(x) in nats, all 100 slots scored: the exact NLPPS."""
-        inputs = torch.cat([torch.full_like(x[:, :1], self.bos), x[:, :-1]], dim=1)  # shift right
+        inputs = torch.cat([torch.full_like(x[:, :1], data.BOS), x[:, :-1]], dim=1)  # shift right
         y, _ = self.features(inputs)
         return -self.log_probs_of(y, x).sum(dim=1)
 
@@ -174,7 +172,7 @@ def sample(model, n, cfg, device, generator):
     """Ancestral sampling, one slot at a time, from p(x_t | x_<t, x_t != BOS) at --temperature; once a caption
     draws PAD the rest is PAD. Returns the captions (n, L) and extras (none here)."""
     model.eval()
-    x = torch.full((n, 1), model.bos, dtype=torch.long, device=device)
+    x = torch.full((n, 1), data.BOS, dtype=torch.long, device=device)
     h, out = None, []
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for _ in range(data.SLOTS):
