@@ -200,8 +200,7 @@ def as_flag(name, value):
 
 def open_run(argv):
     """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
-    folder). A checkpoint's settings are all but RUN_FLAGS (--resume may give a new --epochs); typing one of
-    them with another value is refused."""
+    folder). A checkpoint keeps its settings (all but RUN_FLAGS): typing one with another value is refused."""
     cfg, given = common.parse_flags(Config, __doc__, argv)
     if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
         raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
@@ -226,8 +225,7 @@ def open_run(argv):
 
 
 def load_data(cfg, ckpt, run_dir):
-    """The vocabulary, splits, files' SHA-256 and what data.py found; a run goes on with the data it was
-    trained on, or not at all."""
+    """The data; a run goes on with the data it was trained on (SHA-256s and vocabulary), or not at all."""
     vocab, splits, sha256, found = data.load(cfg.data_dir or None, cfg.custom_data)
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
         changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
@@ -238,7 +236,6 @@ def load_data(cfg, ckpt, run_dir):
 
 
 def pick_device(name):
-    """auto: CUDA if present, else MPS, else the CPU."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(d for d in available if available[d]) if name == "auto" else name
     if not available[name]:
