@@ -245,9 +245,8 @@ def pick_device(name):
 
 def lr_at(step, total_steps, cfg):
     """The learning rate of a step: cosine from the peak down to 10% of it over training, or constant."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
+    cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps))
+    return cfg.lr * cosine if cfg.lr_schedule == "cosine" else cfg.lr
 
 
 def save_checkpoint(state, path):
@@ -381,7 +380,7 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test")
     bound = extra.pop("bound")
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
-    data_label = ", ".join(name for name, on in (("custom data", cfg.custom_data),) if on)
+    data_label = "custom data" if cfg.custom_data else ""
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
     seconds = time.time() - t0
@@ -402,8 +401,7 @@ def write_samples(model, vocab, cfg, device, run_dir, epoch):
     lines = [f"[SAMPLE] {vocab.decode(s)}" for s in ids]
     with open(run_dir / "samples.txt", "a") as f:
         f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(line + "\n" for line in lines))
-    for line in lines:
-        log(run_dir, line)
+    log(run_dir, "\n".join(lines))
 
 
 def run(argv=None):
@@ -450,8 +448,8 @@ def run(argv=None):
             return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
-        args = dataclasses.asdict(cfg) | {"data_sha256": sha256}
-        (run_dir / "args.json").write_text(json.dumps(args, indent=2))
+        args = dataclasses.asdict(cfg)
+        (run_dir / "args.json").write_text(json.dumps(args | {"data_sha256": sha256}, indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
@@ -496,8 +494,7 @@ def run(argv=None):
                                    f"good checkpoint {run_dir / 'ckpt_last.pt'} is kept")
                 is_best, best_val = val <= best_val, min(val, best_val)
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         args=dataclasses.asdict(cfg), vocab=vocab.itos, data_sha256=sha256,
-                         best_val=best_val,
+                         args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
                          torch_rng=torch.get_rng_state(), train_losses=losses, **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet
