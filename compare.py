@@ -12,9 +12,11 @@ comparison.png (per-caption scatter, length buckets, all learning curves and, fo
 test bound by diffusion step) and budget.png (test NLPPS against parameters and against training
 CPU-minutes, one line per script) into --out.
 
-What a run cost comes from its newest test record's n_params and train_seconds (wall-clock seconds of
-training steps, summed across resumes). Runs made before those were recorded: the parameter count in the
-first line of log.txt (else the checkpoint's), and no training time, so they stay out of the time panel.
+What a run cost comes from its newest test record's n_params and train_cpu_seconds (the CPU time of its
+training steps, summed across resumes: with OMP_NUM_THREADS=1 the one-thread minutes, however busy the
+machine was); a run made before that was recorded counts its train_seconds (wall-clock, marked "wall").
+Runs made before both: the parameter count in the first line of log.txt (else the checkpoint's), and no
+training time, so they stay out of the time panel.
 """
 from __future__ import annotations
 
@@ -272,7 +274,8 @@ class Cost:
     """A run's test NLPPS beside what it cost: parameters and training time."""
     run: Run
     params: int
-    minutes: float | None  # training CPU-minutes (one thread); None: made before runs recorded train_seconds
+    minutes: float | None  # training CPU-minutes; None: made before runs recorded their training time
+    wall: bool = False  # minutes is wall-clock time (an older run without train_cpu_seconds)
 
     @property
     def nlpps(self) -> float:
@@ -306,15 +309,16 @@ def costs_of(runs: list[Run]) -> list[Cost]:
     result = []
     for run in runs:
         params = newest_test_field(run, "n_params") or params_from_log(run.path) or run.params
-        seconds = newest_test_field(run, "train_seconds")
-        result.append(Cost(run, int(params), None if seconds is None else float(seconds) / 60))
+        cpu_seconds, seconds = (newest_test_field(run, k) for k in ("train_cpu_seconds", "train_seconds"))
+        minutes = next((float(v) / 60 for v in (cpu_seconds, seconds) if v is not None), None)
+        result.append(Cost(run, int(params), minutes, wall=cpu_seconds is None and seconds is not None))
     return sorted(result, key=lambda s: (s.run.script, s.params, s.run.name))
 
 
 def budget_table(costs: list[Cost]) -> list[str]:
     lines = ["| run | script | parameters | CPU-minutes | test NLPPS |", "|---|---|---|---|---|"]
     for s in costs:
-        minutes = "–" if s.minutes is None else f"{s.minutes:.1f}"
+        minutes = "–" if s.minutes is None else f"{s.minutes:.1f}" + " (wall)" * s.wall
         lines.append(f"| {s.run.path.name} | {s.run.script} | {s.params:,} | {minutes} | {s.nlpps:.2f} |")
     untimed = [s.run.name for s in costs if s.minutes is None]
     if untimed:

@@ -711,11 +711,14 @@ def run(argv=None):
     last_step = min(total_steps, cfg.max_steps or total_steps)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
-    step, best_val, train_seconds, losses = 0, math.inf, 0.0, []
+    step, best_val, losses = 0, math.inf, []
+    train_seconds, train_cpu_seconds = 0.0, 0.0  # wall-clock and CPU time of the training steps
     try:
         if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
             model.load_state_dict(ckpt["model"])
-            step, best_val, train_seconds = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+            step, best_val = ckpt["step"], ckpt["best_val"]
+            train_seconds = ckpt.get("train_seconds", 0.0)
+            train_cpu_seconds = ckpt.get("train_cpu_seconds", 0.0)
             losses = ckpt.get("train_losses", []) if cfg.resume else []  # since the last train record
         if cfg.resume:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -728,7 +731,8 @@ def run(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     def progress():  # where the run is: every record and checkpoint says it
-        return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds)
+        return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds,
+                    train_cpu_seconds=train_cpu_seconds)
 
     if cfg.sample_only or cfg.eval_only:
         with lock_run_folder(run_dir):
@@ -751,7 +755,8 @@ def run(argv=None):
             if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
                 epoch_rng, epoch_t0 = order.get_state(), time.time()
                 epoch_batches = data.batches(train, cfg.batch_size, order, skip=step % steps_per_epoch)
-            x, step_t0, lr = next(epoch_batches), time.time(), lr_at(step, total_steps, cfg)
+            x, lr = next(epoch_batches), lr_at(step, total_steps, cfg)
+            step_t0, step_cpu_t0 = time.time(), time.process_time()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -767,6 +772,7 @@ def run(argv=None):
             optimizer.step()
             step, losses, seen = step + 1, losses + [loss.item()], seen + len(x)
             train_seconds += time.time() - step_t0
+            train_cpu_seconds += time.process_time() - step_cpu_t0
             if step % cfg.log_every == 0 or step == 1:
                 now, eta = time.time(), round(train_seconds / step * (last_step - step))
                 log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "

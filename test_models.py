@@ -537,6 +537,9 @@ def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tin
     call_ok(script, base + ["--run-name", "split", "--max-steps", "6"])
     with open(tmp_path / script / "split" / "metrics.jsonl", "a") as f:  # as if killed while logging step 8
         f.write(json.dumps(dict(kind="train", step=7, epoch=1.75, nlpps=1.0)) + '\n{"kind": "train", "st')
+    last = tmp_path / script / "split" / "ckpt_last.pt"  # its clocks, as if the first 6 steps took 1000 s
+    clocks = dict(train_seconds=1000.0, train_cpu_seconds=900.0)
+    torch.save(torch.load(last, weights_only=True) | clocks, last)
     out = call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "split", "--resume"))
     assert "resumed at step 6 | 3 epochs |" in out
     straight, split = tmp_path / script / "straight", tmp_path / script / "split"
@@ -554,6 +557,9 @@ def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tin
     values = [float(v) for v in (straight / "test_nlpps.txt").read_text().split()]
     assert len(values) == 31 and sum(values) / 31 == pytest.approx(test["nlpps"], abs=1e-3)
     assert test["data"] == "custom data" and "custom data" in (straight / "log.txt").read_text()
+    assert 0 < test["train_cpu_seconds"] < 1000 and 0 < test["train_seconds"] < 1000
+    resumed = [r for r in read_metrics(split) if r["kind"] == "test"][-1]  # the clocks go on from the ckpt
+    assert 900 < resumed["train_cpu_seconds"] < 1900 and 1000 < resumed["train_seconds"] < 2000
 
 
 def test_resume_keeps_the_runs_epochs_unless_given_anew(finished, tmp_path):
@@ -1244,7 +1250,7 @@ def test_dlm107_each_mode_trains_resumes_exactly_evaluates_and_samples(tiny_data
     assert train[-1][1] < train[0][1]  # the loss falls
     test, = seg_records(root / "straight", "test")
     assert test == {**seg_records(root / "split", "test")[-1], "seconds": test["seconds"],
-                    "train_seconds": test["train_seconds"]}
+                    "train_seconds": test["train_seconds"], "train_cpu_seconds": test["train_cpu_seconds"]}
     assert test["bound"] == "exact" and test["data"] == ("custom data, spaces removed"
                                                          if mode == ["--no-spaces"] else "custom data")
     assert all(0 <= test[k] <= 1 for k in ("boundary_f1", "token_f1", "type_f1", "cut_rate"))
@@ -2003,7 +2009,8 @@ def budget_runs(root):
     return [
         budget_run(root, "dlm100_rnn", "big", 30.0,  # an --eval-only record after training lacks the fields
                  tests=[dict(n_params=200_000, train_seconds=1200.0), {}]),
-        budget_run(root, "dlm100_rnn", "small", 40.0, tests=[dict(n_params=1000, train_seconds=1500.0)]),
+        budget_run(root, "dlm100_rnn", "small", 40.0,  # CPU time wins over the wall-clock time
+                   tests=[dict(n_params=1000, train_seconds=1500.0, train_cpu_seconds=600.0)]),
         budget_run(root, "dlm142_diffusion", "d", 35.0, tests=[dict(n_params=50_000, train_seconds=3000.0)]),
         budget_run(root, "dlm107_vae_seg", "old", 45.0, log=OLD_LOG),
         budget_run(root, "dlm123_gmmvae", "bare", 50.0),  # no log.txt either: the checkpoint's count
@@ -2014,11 +2021,11 @@ def test_budget_table_figure_and_the_runs_left_out_of_the_time_panel(test_dir, t
     out = tmp_path / "cmp"
     text = compare.compare(budget_runs(tmp_path) + ["--data-dir", str(test_dir), "--out", str(out)])
     rows = ["| run | script | parameters | CPU-minutes | test NLPPS |",
-            "| small | dlm100_rnn | 1,000 | 25.0 | 40.00 |",
-            "| big | dlm100_rnn | 200,000 | 20.0 | 30.00 |",
+            "| small | dlm100_rnn | 1,000 | 10.0 | 40.00 |",
+            "| big | dlm100_rnn | 200,000 | 20.0 (wall) | 30.00 |",
             "| old | dlm107_vae_seg | 212,896 | – | 45.00 |",
             "| bare | dlm123_gmmvae | 7 | – | 50.00 |",
-            "| d | dlm142_diffusion | 50,000 | 50.0 | 35.00 |",
+            "| d | dlm142_diffusion | 50,000 | 50.0 (wall) | 35.00 |",
             "Left out of the time panel (no train_seconds in a test record): "
             "dlm107_vae_seg/old, dlm123_gmmvae/bare"]
     lines = text.splitlines()
@@ -2038,7 +2045,7 @@ def test_budget_table_figure_and_the_runs_left_out_of_the_time_panel(test_dir, t
     by_time = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax_t.lines}
     assert by_size == {"dlm100_rnn": ([1000, 200_000], [40.0, 30.0]), "dlm107_vae_seg": ([212_896], [45.0]),
                        "dlm123_gmmvae": ([7], [50.0]), "dlm142_diffusion": ([50_000], [35.0])}
-    assert by_time == {"dlm100_rnn": ([20.0, 25.0], [30.0, 40.0]), "dlm142_diffusion": ([50.0], [35.0])}
+    assert by_time == {"dlm100_rnn": ([10.0, 20.0], [40.0, 30.0]), "dlm142_diffusion": ([50.0], [35.0])}
     assert ax_p.get_xscale() == "log"
     assert sorted(t.get_text() for t in ax_t.texts) == ["big", "d", "small"]  # each point named lightly
     plt.close("all")
