@@ -14,9 +14,9 @@ CPU-minutes, one line per script) into --out.
 
 What a run cost comes from its newest test record's n_params and train_cpu_seconds (the CPU time of its
 training steps, summed across resumes: with OMP_NUM_THREADS=1 the one-thread minutes, however busy the
-machine was); a run made before that was recorded counts its train_seconds (wall-clock, marked "wall").
-Runs made before both: the parameter count in the first line of log.txt (else the checkpoint's), and no
-training time, so they stay out of the time panel.
+machine was; its wall-clock train_seconds would not be). Runs made before those were recorded: the parameter
+count in the first line of log.txt (else the checkpoint's), and no training time, so they stay out of the
+time panel.
 """
 from __future__ import annotations
 
@@ -274,8 +274,7 @@ class Cost:
     """A run's test NLPPS beside what it cost: parameters and training time."""
     run: Run
     params: int
-    minutes: float | None  # training CPU-minutes; None: made before runs recorded their training time
-    wall: bool = False  # minutes is wall-clock time (an older run without train_cpu_seconds)
+    minutes: float | None  # training CPU-minutes; None: made before runs recorded train_cpu_seconds
 
     @property
     def nlpps(self) -> float:
@@ -309,20 +308,20 @@ def costs_of(runs: list[Run]) -> list[Cost]:
     result = []
     for run in runs:
         params = newest_test_field(run, "n_params") or params_from_log(run.path) or run.params
-        cpu_seconds, seconds = (newest_test_field(run, k) for k in ("train_cpu_seconds", "train_seconds"))
-        minutes = next((float(v) / 60 for v in (cpu_seconds, seconds) if v is not None), None)
-        result.append(Cost(run, int(params), minutes, wall=cpu_seconds is None and seconds is not None))
+        seconds = newest_test_field(run, "train_cpu_seconds")
+        result.append(Cost(run, int(params), None if seconds is None else float(seconds) / 60))
     return sorted(result, key=lambda s: (s.run.script, s.params, s.run.name))
 
 
 def budget_table(costs: list[Cost]) -> list[str]:
     lines = ["| run | script | parameters | CPU-minutes | test NLPPS |", "|---|---|---|---|---|"]
     for s in costs:
-        minutes = "–" if s.minutes is None else f"{s.minutes:.1f}" + " (wall)" * s.wall
+        minutes = "–" if s.minutes is None else f"{s.minutes:.1f}"
         lines.append(f"| {s.run.path.name} | {s.run.script} | {s.params:,} | {minutes} | {s.nlpps:.2f} |")
     untimed = [s.run.name for s in costs if s.minutes is None]
     if untimed:
-        lines += ["", f"Left out of the time panel (no train_seconds in a test record): {', '.join(untimed)}"]
+        lines += ["", "Left out of the time panel (no train_cpu_seconds in a test record): "
+                  + ", ".join(untimed)]
     return lines
 
 
@@ -355,7 +354,7 @@ def plot_budget(costs: list[Cost], out: Path) -> None:
     ax_t.set(xlabel="training CPU-minutes (one thread, training steps only)",
              title="test NLPPS against training time")
     if all(s.minutes is None for s in costs):
-        ax_t.text(0.5, 0.5, "no run records train_seconds yet", ha="center", va="center",
+        ax_t.text(0.5, 0.5, "no run records train_cpu_seconds yet", ha="center", va="center",
                   transform=ax_t.transAxes)
     for ax in (ax_p, ax_t):
         ax.grid(alpha=0.3)

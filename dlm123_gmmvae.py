@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import common
 import data
-from common import flag
+from common import flag  # flag(default, help, checks): a Config field, one --flag of -h
 
 matplotlib.use("Agg")  # figures are files; no window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -236,7 +236,7 @@ def active_dims(model, means):
 def gradient_variance(model, x, cfg, repeats=8):
     """Trace of the covariance, over `repeats` draws, of the gradient of the batch -ELBO with respect to the
     encoder's own weights (its convs and scale), for each estimator: how noisy a training step would be."""
-    generator = common.eval_generator()
+    generator = common.eval_generator()  # a fixed-seed CPU generator: the same draws at every evaluation
     encoder = [p for name, p in model.named_parameters() if name.startswith(("enc_convs", "rho"))]
     variance = {}
     for estimator in ("reparam", "reinforce"):
@@ -319,7 +319,7 @@ def as_flag(name, value):
 def open_run(argv):
     """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
     folder). A checkpoint keeps its settings (all but RUN_FLAGS): typing one with another value is refused."""
-    cfg, given = common.parse_flags(Config, __doc__, argv)
+    cfg, given = common.parse_flags(Config, __doc__, argv)  # argparse from Config; given: the flags typed
     if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
         raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
     modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
@@ -500,7 +500,7 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     if split == "val":  # why reparameterisation wins: the same gradient, far less noise
         variance = gradient_variance(model, splits[split][: cfg.batch_size].to(device), cfg)
         extra.update(grad_var_reparam=variance["reparam"], grad_var_reinforce=variance["reinforce"])
-    nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))
+    nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))  # nats a caption, bits a character
     data_label = "custom data" if cfg.custom_data else ""
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
