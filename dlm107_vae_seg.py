@@ -90,6 +90,8 @@ class Config:
     max_piece: int = flag(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
     piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its "
                                "start state")
+    dropout: float = flag(0.0, "dropout on the context GRU's input embeddings and on its states h_i, which the "
+                          "pieces and the memory read (training only; 0: off)", low=0, high=0.9)
     lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)",
                         low=0, part="the model: the lexical memory")
     lexicon_chars: int = flag(0, "M from the corpus instead: one entry per this many training characters "
@@ -463,6 +465,8 @@ class Model(nn.Module):
         self.length_penalty, self.length_exponent = cfg.length_penalty, cfg.length_exponent
         self.embed = nn.Embedding(vocab_size, E)
         self.context = nn.GRU(E, E, batch_first=True)
+        # nn.Identity when p = 0: draws no noise, so the model and its training are as without the flag
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.piece_init = nn.Linear(E, D)
         self.piece_start = nn.Parameter(torch.randn(E))  # the input before a piece's first character
         self.piece_cell = nn.GRUCell(E, D)
@@ -481,7 +485,8 @@ class Model(nn.Module):
 
     def contexts(self, x):
         """x (B, L) -> (B, L, E): h_i, the context GRU's state after <bos> and i characters."""
-        return self.context(self.embed(torch.cat([torch.full_like(x[:, :1], data.BOS), x[:, :-1]], 1)))[0]
+        inputs = self.embed(torch.cat([torch.full_like(x[:, :1], data.BOS), x[:, :-1]], 1))
+        return self.dropout(self.context(self.dropout(inputs))[0])
 
     def piece_step(self, gates_in, s):
         """One step of the piece GRU from its input half W_i e[c] + b_i (+ U h_i) (N, 3D) and state s (N, D):

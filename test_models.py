@@ -1435,6 +1435,19 @@ def test_dlm107_sampler_draws_captions_and_cuts_with_the_probabilities_the_chart
     torch.testing.assert_close(counts / n, log_p.exp(), atol=0.01, rtol=0, check_dtype=False)
 
 
+def test_dlm107_dropout_is_off_at_zero_and_in_evaluation_and_the_same_model_else():
+    plain, dropped, x = tiny_seg(), tiny_seg(dropout=0.5), seg_caption((4, 3, 4, 4))
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # a checkpoint fits both
+    torch.manual_seed(1)
+    before = torch.rand(1)
+    torch.manual_seed(1)
+    reference = plain.loss(x)
+    assert torch.equal(torch.rand(1), before)  # p = 0 draws no noise: the model as without the flag
+    assert not torch.equal(dropped.loss(x), reference)  # training: features of the context dropped
+    nll, _ = dlm107_vae_seg.evaluate(dropped, x, dlm107_vae_seg.Config(), CPU, full=False)
+    torch.testing.assert_close(nll, reference.detach())  # evaluation: off, the exact -log p(x)
+
+
 @pytest.mark.parametrize("mode", [dict(estimator="reinforce"), dict(segmenter="spaces")], ids=str)
 def test_dlm107_other_modes_use_the_same_memory(mode):
     model, x = tiny_seg(**mode), seg_caption((4, 3, 4, 4))
