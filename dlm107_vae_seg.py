@@ -28,6 +28,7 @@ right (beta) gives the posterior probability of every piece, p(piece | x) = exp(
 beta_{i+k} - log p(x)), hence of a cut after each character. --length-penalty lambda adds Kawakami et al.'s
 expected length lambda * sum_pieces p(piece | x) |piece|^beta (--length-exponent) to the training loss only.
 The piece GRU runs over every (start, length <= K) window at once (an unfold of the caption).
+--dropout p drops features of the context GRU's inputs and of h_i in training only, as DLM100's --dropout.
 
 --estimator reinforce trains the same p by the notes' segmentation VAE instead: q(z|x) = a Bernoulli cut
 after each character from a GRU (--parser causal|bi), cuts forced as in p;
@@ -90,8 +91,8 @@ class Config:
     max_piece: int = flag(10, "K: the most characters in a piece (the end after K is forced)", low=1, high=99)
     piece_context: bool = flag(False, "the piece GRU reads U h_i at every character, not only through its "
                                "start state")
-    dropout: float = flag(0.0, "dropout on the context GRU's input embeddings and on its states h_i, which the "
-                          "pieces and the memory read (training only; 0: off)", low=0, high=0.9)
+    dropout: float = flag(0.0, "dropout on the context GRU's input embeddings and on its states h_i, which "
+                          "the pieces and the memory read (training only; 0: off)", low=0, high=0.9)
     lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)",
                         low=0, part="the model: the lexical memory")
     lexicon_chars: int = flag(0, "M from the corpus instead: one entry per this many training characters "
@@ -136,14 +137,16 @@ class Config:
     seed: int = flag(0, "seed of the initialisation, the data order and the training noise (evaluation "
                      "noise has its own)", low=0, high=2**31 - 1)
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose "
-                             "(no checksum check); such runs are labelled and compare.py keeps them apart")
+    custom_data: bool = flag(False, "use Multi30k files that differ from the published ones on purpose (no "
+                             "checksum check; a plain-text corpus is custom data anyway): such runs are "
+                             "labelled and compare.py keeps them apart")
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
                        choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU "
                       "mostly slower)", choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
-    data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
+    data_dir: str = flag("", "folder with the three Multi30k .gz files, or a corpus of train.txt, valid.txt, "
+                         "test.txt (else $DLM_DATA_DIR, else download Multi30k)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
     run_name: str = flag("default", "name of the run folder (no path separators)")
     overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")

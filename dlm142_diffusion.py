@@ -109,14 +109,16 @@ class Config:
     seed: int = flag(0, "seed of the initialisation, the data order and the training noise "
                      "(evaluation noise has its own)", low=0, high=2**31 - 1)
     limit_train: int = flag(0, "train on the first N captions only (0: all), for quick tests", low=0)
-    custom_data: bool = flag(False, "use data files that differ from the published Multi30k ones on purpose "
-                             "(no checksum check); such runs are labelled and compare.py keeps them apart")
+    custom_data: bool = flag(False, "use Multi30k files that differ from the published ones on purpose (no "
+                             "checksum check; a plain-text corpus is custom data anyway): such runs are "
+                             "labelled and compare.py keeps them apart")
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
                        choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device "
                       "(on a CPU mostly slower)", choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss")
-    data_dir: str = flag("", "folder with the Multi30k .gz files (else $DLM_DATA_DIR, else download)")
+    data_dir: str = flag("", "folder with the three Multi30k .gz files, or a corpus of train.txt, valid.txt, "
+                         "test.txt (else $DLM_DATA_DIR, else download Multi30k)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
     run_name: str = flag("default", "name of the run folder (no path separators)")
     overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")
