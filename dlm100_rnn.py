@@ -105,7 +105,7 @@ class Model(nn.Module):
         self.head = cfg.head
         self.embed = nn.Embedding(vocab_size, E)  # N(0, 1); also the output matrix (tied)
         self.rnn = nn.GRU(E, E, batch_first=True)
-        # nn.Identity when p = 0: draws no noise, so the model and its training are today's, step for step
+        # nn.Identity when p = 0: draws no noise, so the model and its training are as without the flag
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         # <unit-std vector, N(0,1) row> has std sqrt(E): start the temperatures at 1/sqrt(E)
         # so the first predictions are soft, not one-hot.

@@ -182,11 +182,11 @@ class Model(nn.Module):
         entropy = self.entropy(mean, log_sigma)
         if estimator == "reparam":
             return -sum(self.log_joint(x, z)).mean(0) - entropy
-        # Score function: no gradient flows through z; the encoder learns from
-        # (reward - baseline) * grad log q.
+        # Score function: no gradient flows through z. The surrogate is mean_s (r_s - b_s) log q(z_s | x), b_s
+        # the mean reward of the other draws: its gradient is the encoder's estimate, its value is noise.
         z = z.detach()
         reward = sum(self.log_joint(x, z))  # (S, B)
-        log_q = common.gaussian_log_prob(z, mean, log_sigma).sum(-1)  # (S, B)
+        log_q = common.gaussian_log_prob(z, mean, log_sigma).sum(-1)  # (S, B): log q(z | x), over E then L
         surrogate = common.reinforce_surrogate(log_q, reward)
         return -(reward.mean(0) + surrogate - surrogate.detach()) - entropy  # the value stays the -ELBO
 
@@ -207,16 +207,17 @@ def evaluate(model, x, cfg, device, full=True):
     for start in range(0, len(x), cfg.eval_batch_size):
         batch = x[start:start + cfg.eval_batch_size].to(device)
         mean, log_sigma = model.encode(batch)
+        # each caption's draws from its own generator, seeded by its index in the split
         eps = common.caption_noise(start, len(batch), lambda g: torch.randn(cfg.iw_samples, *mean.shape[1:],
                                                                               generator=g))  # (B, S, L, E)
         terms = []  # one draw at a time: memory stays at one (B, L, V) decoder output
         for draw in eps.transpose(0, 1).to(device):  # (B, L, E)
             z = (mean + log_sigma.exp() * draw).unsqueeze(0)  # (1, B, L, E)
-            log_q = common.gaussian_log_prob(z, mean, log_sigma).sum(-1)
+            log_q = common.gaussian_log_prob(z, mean, log_sigma).sum(-1)  # (1, B): log q(z | x), all slots
             terms.append(torch.stack([*model.log_joint(batch, z), log_q]))  # (3, 1, B)
         log_px_z, log_pz, log_q = torch.cat(terms, dim=1)  # each (iw_samples, B)
         entropy = model.entropy(mean, log_sigma)
-        out["neg_iw"].append(-common.logmeanexp(log_px_z + log_pz - log_q, dim=0))
+        out["neg_iw"].append(-common.logmeanexp(log_px_z + log_pz - log_q, dim=0))  # -log mean_m w_m
         out["neg_elbo"].append(-(log_px_z + log_pz).mean(0) - entropy)
         out["kl"].append(-log_pz.mean(0) - entropy)
         out["means"].append(mean)

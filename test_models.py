@@ -1028,7 +1028,7 @@ def test_dlm100_dropout_is_off_at_zero_and_in_evaluation_and_the_same_model_else
     before = torch.rand(1)
     torch.manual_seed(1)
     reference = plain.loss(x)
-    assert torch.equal(torch.rand(1), before)  # p = 0 draws no noise: today's model, step for step
+    assert torch.equal(torch.rand(1), before)  # p = 0 draws no noise: the model as without the flag
     assert not torch.equal(dropped.loss(x), reference)  # training: features dropped
     nll, _ = dlm100_rnn.evaluate(dropped, x, dlm100_rnn.Config(), CPU)
     torch.testing.assert_close(nll, reference.detach())  # evaluation: off, the model scored exactly
