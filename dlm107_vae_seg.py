@@ -8,7 +8,8 @@ characters before it, not on how they were cut (Kawakami, Dyer & Blunsom 2019; S
                            --piece-context adds U h_i to its input at every character, not at the start only)
     p(piece | h_i) = g(h_i) p_lex(piece | h_i) + (1 - g(h_i)) p_chars(piece | h_i)        (lexical memory)
 p_lex is a distribution over the M most frequent substrings of the training captions (--lexicon, lengths
---lex-min..--lex-max), computed from the context (LexicalMemory; --lex-key, --lex-factor):
+--lex-min..--lex-max; --lex-rank variety: those with the most distinct neighbours), computed from the context
+(LexicalMemory; --lex-key, --lex-factor):
     score_e(h_i) = <W h_i, m_e> + b_e,
     p_lex(e | h_i) = p(first char a of e | h_i) softmax_{e' in G_a}(score)_e
 where G_a holds the entries that start with a: exact, and only the group of the next character is normalised
@@ -93,13 +94,16 @@ class Config:
                                "start state")
     dropout: float = flag(0.0, "dropout on the context GRU's input embeddings and on its states h_i, which "
                           "the pieces and the memory read (training only; 0: off)", low=0, high=0.9)
-    lexicon: int = flag(20000, "M: lexical memory of the M most frequent training substrings (0: none)",
+    lexicon: int = flag(20000, "M: the lexical memory holds M training substrings (0: none)",
                         low=0, part="the model: the lexical memory")
     lexicon_chars: int = flag(0, "M from the corpus instead: one entry per this many training characters "
                               "(88 gives Multi30k's 20,000; a small corpus, a small memory); 0: --lexicon",
                               low=0)
     lex_min: int = flag(2, "shortest substring in the lexicon", low=1)
     lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
+    lex_rank: str = flag("count", "which substrings are the M entries: the most frequent, or those with the "
+                         "most distinct neighbours (accessor variety: the fewer of the distinct characters "
+                         "before and after it), then the most frequent", choices=("count", "variety"))
     lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
     lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start "
                             "with it (exact, ~13x cheaper); --no-lex-factor: one softmax over all the "
@@ -294,7 +298,7 @@ def log_joint(ends, closing, n, cuts):
 
 # ----------------------------------------------------------------------------- the lexical memory
 class LexicalMemory(nn.Module):
-    """The lexical memory: M entries (the most frequent training substrings), a distribution over them
+    """The lexical memory: M entries (training substrings: top_substrings), a distribution over them
     computed from the context state h = h_i of a piece's start, and the gate g(h) that mixes it with the
     piece GRU.
 
@@ -310,7 +314,7 @@ class LexicalMemory(nn.Module):
     Multi30k about M / 13 entries per start instead of M), where the full softmax needs a (starts x M)
     product per batch.
         g(h) = sigmoid(v . h + d), and g = 0 where no entry fits (r < the shortest entry).
-    The entries are stored grouped by first character (a stable sort of most_frequent's list); the checkpoint
+    The entries are stored grouped by first character (a stable sort of top_substrings's list); the checkpoint
     keeps them so.
     """
 
@@ -329,28 +333,46 @@ class LexicalMemory(nn.Module):
 
     # --- building the list and the trie
     @staticmethod
-    def most_frequent(x, size, lex_min, lex_max):
+    def top_substrings(x, size, lex_min, lex_max, rank="count"):
         """x (N, L) training captions -> (size, lex_max) ids then PAD: the most frequent substrings
         (overlapping occurrences counted) of lex_min..lex_max characters, ties broken by length then ids,
-        stored by length. A substring is counted by its number in base V (uint64, exact while
-        V ** lex_max < 2 ** 64)."""
-        V, found = int(x.max()) + 1, []  # (count, length, ids) of the M most frequent of each length
+        stored by length; with rank="variety" (--lex-rank), the first by accessor_variety, then by count.
+        A substring is counted by its number in base V (uint64, exact while V ** lex_max < 2 ** 64)."""
+        V, found = int(x.max()) + 1, []  # (rank_by, length, ids) of the M first of each length
         if V ** lex_max >= 2 ** 64:
             raise RunError(f"--lex-max {lex_max} is too long for a vocabulary of {V} "
                            "(V ** lex_max >= 2 ** 64)")
         for length in range(lex_min, lex_max + 1 if size else 0):
-            windows = x.unfold(1, length, 1).reshape(-1, length)        # (N * (L - length + 1), length)
-            windows = windows[(windows != data.PAD).all(1)].numpy().astype(np.uint64)
+            windows = x.unfold(1, length, 1)                            # (N, L - length + 1, length)
+            inside = (windows != data.PAD).all(-1)                      # (N, L - length + 1)
             place = np.uint64(V) ** np.arange(length - 1, -1, -1, dtype=np.uint64)  # V ** (length - 1) .. 1
-            keys = windows @ place
+            keys = windows[inside].numpy().astype(np.uint64) @ place
             unique, counts = np.unique(keys, return_counts=True)        # in lexicographic order of the ids
-            top = np.argsort(-counts, kind="stable")[:size]
+            rank_by = counts
+            if rank == "variety":  # variety first, count next (no count exceeds x.numel())
+                rank_by = LexicalMemory.accessor_variety(x, length, inside, keys) * (x.numel() + 1) + counts
+            top = np.argsort(-rank_by, kind="stable")[:size]
             digits = unique[top, None] // place % np.uint64(V)          # the keys back to ids
-            found += [(count, length, ids)
-                      for count, ids in zip(counts[top].tolist(), digits.astype(np.int64).tolist())]
+            found += [(value, length, ids)
+                      for value, ids in zip(rank_by[top].tolist(), digits.astype(np.int64).tolist())]
         chosen = sorted(sorted(found, key=lambda f: (-f[0], f[1], f[2]))[:size], key=lambda f: f[1])
         return torch.tensor([ids + [data.PAD] * (lex_max - len(ids)) for _, _, ids in chosen],
                             dtype=torch.long).view(-1, lex_max)
+
+    @staticmethod
+    def accessor_variety(x, length, inside, keys):
+        """The substrings of `length` characters (keys: one per window inside a caption) -> for each distinct
+        key, in np.unique's order: the fewer of its distinct left and right neighbours, a caption's start
+        and end counting as one neighbour each (Feng et al. 2004). Many different characters precede and
+        follow a word; few the inside of one (`lQR` in `flQRz`), so fragments rank low."""
+        W = inside.shape[1]
+        before = F.pad(x, (1, 0), value=-1)[:, :W][inside]                  # -1: the caption's start
+        after = F.pad(x, (0, 1), value=data.PAD)[:, length:length + W][inside]  # PAD: its end
+        varieties = []
+        for neighbour in (before, after):
+            pairs = np.unique(np.stack([keys, neighbour.numpy().astype(np.uint64)], 1), axis=0)
+            varieties.append(np.unique(pairs[:, 0], return_counts=True)[1])  # distinct neighbours per key
+        return np.minimum(*varieties)
 
     @staticmethod
     def trie(lexicon, vocab_size):
@@ -626,9 +648,10 @@ def lexicon_size(train, cfg):
 
 
 def build_model(vocab, train, cfg):
-    """The model, with its lexicon: the M most frequent training substrings (lexicon_size)."""
+    """The model, with its lexicon: M (lexicon_size) training substrings, the first by --lex-rank."""
     lex_max = cfg.lex_max or cfg.max_piece
-    lexicon = LexicalMemory.most_frequent(train, lexicon_size(train, cfg), cfg.lex_min, lex_max)
+    size = lexicon_size(train, cfg)
+    lexicon = LexicalMemory.top_substrings(train, size, cfg.lex_min, lex_max, cfg.lex_rank)
     return Model(vocab.itos, lexicon, cfg)
 
 

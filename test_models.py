@@ -9,6 +9,7 @@ the interrupt and lock tests use real subprocesses and signals. A new script is 
 """
 import ast
 import builtins
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -1360,7 +1361,7 @@ def test_dlm107_lexicon_list_trie_and_checkpoint():
     x = torch.stack([seg_caption((4, 3, 4, 4), 6)[0], seg_caption((4, 3, 4), 6)[0],
                      seg_caption((3, 4), 6)[0]])
     # counts: 34 x3, 43 x2, 434 x2, 344 x1, 44 x1: the top 3, stored shortest first
-    lex = dlm107_vae_seg.LexicalMemory.most_frequent(x, 3, 2, 3)
+    lex = dlm107_vae_seg.LexicalMemory.top_substrings(x, 3, 2, 3)
     assert lex.tolist() == [[3, 4, 0], [4, 3, 0], [4, 3, 4]]
     memory = dlm107_vae_seg.LexicalMemory(lex, 5, 4, 2, True)
     ids = memory.entry_ids(torch.tensor([[4, 3, 4], [3, 4, 4], [4, 4, 3]]))
@@ -1375,6 +1376,37 @@ def test_dlm107_lexicon_list_trie_and_checkpoint():
     other.load_state_dict(model.state_dict())
     x = seg_caption((4, 3, 4, 4))
     torch.testing.assert_close(other.log_prob(x)[0], model.log_prob(x)[0])
+
+
+def test_dlm107_lexicon_by_accessor_variety_ranks_words_above_their_inside():
+    # "ab" occurs 3 times, always between x and y: variety 1. "cd" occurs twice, at a caption's start and end
+    # and between e and f: variety 2. By count "ab" comes first (with "xa" and "by", also 3, after it by ids);
+    # by variety "cd".
+    a, b, c, d, e, f, xx, y = range(3, 11)
+    x = torch.tensor([[xx, a, b, y, 0, 0, 0], [xx, a, b, y, 0, 0, 0], [xx, a, b, y, 0, 0, 0],
+                      [c, d, 0, 0, 0, 0, 0], [e, c, d, f, 0, 0, 0]])
+    by_count = dlm107_vae_seg.LexicalMemory.top_substrings(x, 1, 2, 2)
+    by_variety = dlm107_vae_seg.LexicalMemory.top_substrings(x, 1, 2, 2, rank="variety")
+    assert by_count.tolist() == [[a, b]] and by_variety.tolist() == [[c, d]]
+
+
+def test_dlm107_lexicon_by_accessor_variety_matches_counting_by_hand():
+    torch.manual_seed(0)
+    V, L = 7, 9
+    lengths = torch.randint(1, L, (40,))
+    x = torch.where(torch.arange(L) < lengths[:, None], torch.randint(3, V, (40, L)), data.PAD)
+    counts, before, after = collections.Counter(), collections.defaultdict(set), collections.defaultdict(set)
+    for row, n in zip(x.tolist(), lengths.tolist()):
+        for k in (2, 3):
+            for i in range(n - k + 1):
+                s = tuple(row[i:i + k])
+                counts[s] += 1
+                before[s].add(row[i - 1] if i else "start")
+                after[s].add(row[i + k] if i + k < n else "end")
+    # variety first, then count, then shorter, then smaller ids; stored shortest first
+    ranked = sorted(counts, key=lambda s: (-min(len(before[s]), len(after[s])), -counts[s], len(s), s))[:12]
+    expected = [list(s) + [data.PAD] * (3 - len(s)) for s in sorted(ranked, key=len)]
+    assert dlm107_vae_seg.LexicalMemory.top_substrings(x, 12, 2, 3, rank="variety").tolist() == expected
 
 
 # ----------------------------------------------------------------------------- the model with it: enumeration
