@@ -1379,11 +1379,11 @@ def test_dlm107_lexicon_list_trie_and_checkpoint():
 
 
 def test_dlm107_lexicon_by_accessor_variety_ranks_words_above_their_inside():
-    # "ab" occurs 3 times, always between x and y: variety 1. "cd" occurs twice, at a caption's start and end
-    # and between e and f: variety 2. By count "ab" comes first (with "xa" and "by", also 3, after it by ids);
+    # "ab" occurs 3 times, always between s and t: variety 1. "cd" occurs twice, at a caption's start and end
+    # and between e and f: variety 2. By count "ab" comes first (with "sa" and "bt", also 3, after it by ids);
     # by variety "cd".
-    a, b, c, d, e, f, xx, y = range(3, 11)
-    x = torch.tensor([[xx, a, b, y, 0, 0, 0], [xx, a, b, y, 0, 0, 0], [xx, a, b, y, 0, 0, 0],
+    a, b, c, d, e, f, s, t = range(3, 11)
+    x = torch.tensor([[s, a, b, t, 0, 0, 0], [s, a, b, t, 0, 0, 0], [s, a, b, t, 0, 0, 0],
                       [c, d, 0, 0, 0, 0, 0], [e, c, d, f, 0, 0, 0]])
     by_count = dlm107_vae_seg.LexicalMemory.top_substrings(x, 1, 2, 2)
     by_variety = dlm107_vae_seg.LexicalMemory.top_substrings(x, 1, 2, 2, rank="variety")
