@@ -154,6 +154,7 @@ class Model(nn.Module):
 
     def entropy(self, mean, log_sigma):
         """(B,) H[q(z|x)], all slots."""
+        # per slot, summed over E: sum_e log sigma_e + (1 + log 2 pi) / 2, (B, L); then over the slots
         return common.gaussian_entropy(log_sigma.expand_as(mean)).sum(-1)
 
     def decoder_log_probs(self, z):
@@ -167,7 +168,8 @@ class Model(nn.Module):
     def log_joint(self, x, z):
         """x (B, L), z (S, B, L, E) -> log p(x | z) and log p(z), each (S, B): summed over all slots."""
         log_px_z = self.decoder_log_probs(z).gather(-1, x.expand(len(z), -1, -1).unsqueeze(-1)).squeeze(-1)
-        log_pz = common.mixture_log_prob(z, self.prior_means, self.prior_log_std)  # (S, B, L)
+        # log p(z_t) = log (1/C) sum_k N(z_t; m_k, diag(s^2)) per slot t, as the docstring: (S, B, L)
+        log_pz = common.mixture_log_prob(z, self.prior_means, self.prior_log_std)
         return log_px_z.sum(-1), log_pz.sum(-1)
 
     def loss(self, x):
