@@ -103,7 +103,8 @@ class Config:
     lex_max: int = flag(0, "longest substring in the lexicon (<= --max-piece; 0: --max-piece)", low=0)
     lex_rank: str = flag("count", "which substrings are the M entries: the most frequent, or those with the "
                          "most distinct neighbours (accessor variety: the fewer of the distinct characters "
-                         "before and after it), then the most frequent", choices=("count", "variety"))
+                         "before and after it, each time it touches a caption's edge counting as one more), "
+                         "then the most frequent", choices=("count", "variety"))
     lex_key: int = flag(64, "key width of the memory: score_e(h) = <W h, m_e> + b_e with W: E -> this", low=1)
     lex_factor: bool = flag(True, "p_lex = p(first character | h) * a softmax within the entries that start "
                             "with it (exact, ~13x cheaper); --no-lex-factor: one softmax over all the "
@@ -362,16 +363,21 @@ class LexicalMemory(nn.Module):
     @staticmethod
     def accessor_variety(x, length, inside, keys):
         """The substrings of `length` characters (keys: one per window inside a caption) -> for each distinct
-        key, in np.unique's order: the fewer of its distinct left and right neighbours, a caption's start
-        and end counting as one neighbour each (Feng et al. 2004). Many different characters precede and
-        follow a word; few the inside of one (`lQR` in `flQRz`), so fragments rank low."""
-        W = inside.shape[1]
+        key, in np.unique's order: the fewer of its left and right varieties (Feng et al. 2004), a side's
+        variety being the number of distinct characters met on that side plus the number of times the
+        substring touches the caption's edge there: an edge is a boundary every time, not one neighbour.
+        Many different characters precede and follow a word; few the inside of one (`lQR` in `flQRz`), so
+        fragments rank low."""
+        W, unique = inside.shape[1], np.unique(keys)
         before = F.pad(x, (1, 0), value=-1)[:, :W][inside]                  # -1: the caption's start
         after = F.pad(x, (0, 1), value=data.PAD)[:, length:length + W][inside]  # PAD: its end
         varieties = []
-        for neighbour in (before, after):
-            pairs = np.unique(np.stack([keys, neighbour.numpy().astype(np.uint64)], 1), axis=0)
-            varieties.append(np.unique(pairs[:, 0], return_counts=True)[1])  # distinct neighbours per key
+        for neighbour, edge in ((before, -1), (after, data.PAD)):
+            at_edge = (neighbour == edge).numpy()
+            pairs = np.unique(np.stack([keys, neighbour.numpy().astype(np.uint64)], 1)[~at_edge], axis=0)
+            distinct = np.bincount(np.searchsorted(unique, pairs[:, 0]), minlength=len(unique))
+            edges = np.bincount(np.searchsorted(unique, keys[at_edge]), minlength=len(unique))
+            varieties.append(distinct + edges)
         return np.minimum(*varieties)
 
     @staticmethod

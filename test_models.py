@@ -1379,12 +1379,12 @@ def test_dlm107_lexicon_list_trie_and_checkpoint():
 
 
 def test_dlm107_lexicon_by_accessor_variety_ranks_words_above_their_inside():
-    # "ab" occurs 3 times, always between s and t: variety 1. "cd" occurs twice, at a caption's start and end
-    # and between e and f: variety 2. By count "ab" comes first (with "sa" and "bt", also 3, after it by ids);
-    # by variety "cd".
-    a, b, c, d, e, f, s, t = range(3, 11)
-    x = torch.tensor([[s, a, b, t, 0, 0, 0], [s, a, b, t, 0, 0, 0], [s, a, b, t, 0, 0, 0],
-                      [c, d, 0, 0, 0, 0, 0], [e, c, d, f, 0, 0, 0]])
+    # "ab" occurs 3 times, always between s and t: variety 1. "cd" occurs twice, each time a whole caption:
+    # the caption's edges count once per occurrence, so variety 2 (were an edge one neighbour, 1: a tie that
+    # count would give to "ab"). By count "ab" comes first (with "sa" and "bt", also 3, after it by ids); by
+    # variety "cd".
+    a, b, c, d, s, t = range(3, 9)
+    x = torch.tensor([[s, a, b, t, 0], [s, a, b, t, 0], [s, a, b, t, 0], [c, d, 0, 0, 0], [c, d, 0, 0, 0]])
     by_count = dlm107_vae_seg.LexicalMemory.top_substrings(x, 1, 2, 2)
     by_variety = dlm107_vae_seg.LexicalMemory.top_substrings(x, 1, 2, 2, rank="variety")
     assert by_count.tolist() == [[a, b]] and by_variety.tolist() == [[c, d]]
@@ -1396,13 +1396,13 @@ def test_dlm107_lexicon_by_accessor_variety_matches_counting_by_hand():
     lengths = torch.randint(1, L, (40,))
     x = torch.where(torch.arange(L) < lengths[:, None], torch.randint(3, V, (40, L)), data.PAD)
     counts, before, after = collections.Counter(), collections.defaultdict(set), collections.defaultdict(set)
-    for row, n in zip(x.tolist(), lengths.tolist()):
+    for r, (row, n) in enumerate(zip(x.tolist(), lengths.tolist())):
         for k in (2, 3):
             for i in range(n - k + 1):
                 s = tuple(row[i:i + k])
-                counts[s] += 1
-                before[s].add(row[i - 1] if i else "start")
-                after[s].add(row[i + k] if i + k < n else "end")
+                counts[s] += 1  # a caption's edge: a new neighbour each time (caption r, length k)
+                before[s].add(row[i - 1] if i else ("start", r, k))
+                after[s].add(row[i + k] if i + k < n else ("end", r, k))
     # variety first, then count, then shorter, then smaller ids; stored shortest first
     ranked = sorted(counts, key=lambda s: (-min(len(before[s]), len(after[s])), -counts[s], len(s), s))[:12]
     expected = [list(s) + [data.PAD] * (3 - len(s)) for s in sorted(ranked, key=len)]
