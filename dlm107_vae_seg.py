@@ -145,6 +145,7 @@ class Config:
     custom_data: bool = flag(False, "use Multi30k files that differ from the published ones on purpose (no "
                              "checksum check; a plain-text corpus is custom data anyway): such runs are "
                              "labelled and compare.py keeps them apart")
+    # part=common.RUN_CONTROL opens -h's last section: how a command runs, which a checkpoint never keeps
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
                        choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU "
@@ -351,7 +352,8 @@ class LexicalMemory(nn.Module):
             unique, counts = np.unique(keys, return_counts=True)        # in lexicographic order of the ids
             rank_by = counts
             if rank == "variety":  # variety first, count next (no count exceeds x.numel())
-                rank_by = LexicalMemory.accessor_variety(x, length, inside, keys) * (x.numel() + 1) + counts
+                variety = LexicalMemory.accessor_variety(x, length, inside, keys, unique)
+                rank_by = variety * (x.numel() + 1) + counts
             top = np.argsort(-rank_by, kind="stable")[:size]
             digits = unique[top, None] // place % np.uint64(V)          # the keys back to ids
             found += [(value, length, ids)
@@ -361,14 +363,14 @@ class LexicalMemory(nn.Module):
                             dtype=torch.long).view(-1, lex_max)
 
     @staticmethod
-    def accessor_variety(x, length, inside, keys):
-        """The substrings of `length` characters (keys: one per window inside a caption) -> for each distinct
-        key, in np.unique's order: the fewer of its left and right varieties (Feng et al. 2004), a side's
-        variety being the number of distinct characters met on that side plus the number of times the
-        substring touches the caption's edge there: an edge is a boundary every time, not one neighbour.
+    def accessor_variety(x, length, inside, keys, unique):
+        """The substrings of `length` characters (keys: one per window inside a caption; unique: the distinct
+        keys, sorted) -> for each distinct key, in that order: the fewer of its left and right varieties
+        (Feng et al. 2004), a side's variety being the number of distinct characters met on that side plus the
+        number of times the substring touches the caption's edge there: an edge is a boundary every time.
         Many different characters precede and follow a word; few the inside of one (`lQR` in `flQRz`), so
         fragments rank low."""
-        W, unique = inside.shape[1], np.unique(keys)
+        W = inside.shape[1]
         before = F.pad(x, (1, 0), value=-1)[:, :W][inside]                  # -1: the caption's start
         after = F.pad(x, (0, 1), value=data.PAD)[:, length:length + W][inside]  # PAD: its end
         varieties = []

@@ -84,6 +84,7 @@ class Config:
     custom_data: bool = flag(False, "use Multi30k files that differ from the published ones on purpose (no "
                              "checksum check; a plain-text corpus is custom data anyway): such runs are "
                              "labelled and compare.py keeps them apart")
+    # part=common.RUN_CONTROL opens -h's last section: how a command runs, which a checkpoint never keeps
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
                        choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device "
