@@ -381,12 +381,11 @@ def save_checkpoint(state, path):
     try:
         tmp.write_bytes(buffer.getbuffer())
         tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
+    except OSError as e:
         previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
         raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone after the rename; left by a failed write or a second Ctrl-C)
 
 
 def load_checkpoint(path):
@@ -558,9 +557,8 @@ def run(argv=None):
         if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
             model.load_state_dict(ckpt["model"])
             step, best_val = ckpt["step"], ckpt["best_val"]
-            train_seconds = ckpt.get("train_seconds", 0.0)
-            train_cpu_seconds = ckpt.get("train_cpu_seconds", 0.0)
-            losses = ckpt.get("train_losses", []) if cfg.resume else []  # since the last train record
+            train_seconds, train_cpu_seconds = ckpt["train_seconds"], ckpt["train_cpu_seconds"]
+            losses = ckpt["train_losses"] if cfg.resume else []  # since the last train record
         if cfg.resume:
             optimizer.load_state_dict(ckpt["optimizer"])
             order.set_state(ckpt["epoch_rng"])
@@ -616,11 +614,11 @@ def run(argv=None):
             train_cpu_seconds += time.process_time() - step_cpu_t0
             if step % cfg.log_every == 0 or step == 1:
                 now, eta = time.time(), round(train_seconds / step * (last_step - step))
-                log(run_dir, f"step {step} | epoch {step / steps_per_epoch:.2f} | train nlpps "
-                    f"{sum(losses) / len(losses):.2f} | {seen / (now - window_t0):.0f} seq/s | lr {lr:.2e} | "
-                    f"epoch time {now - epoch_t0:.0f} s | ETA {eta // 60}m{eta % 60:02d}s (training steps)",
-                    dict(kind="train", step=step, epoch=step / steps_per_epoch,
-                         nlpps=sum(losses) / len(losses), seq_per_s=seen / (now - window_t0)))
+                record = dict(kind="train", step=step, epoch=step / steps_per_epoch,
+                              nlpps=sum(losses) / len(losses), seq_per_s=seen / (now - window_t0))
+                log(run_dir, f"step {step} | epoch {record['epoch']:.2f} | train nlpps {record['nlpps']:.2f} "
+                    f"| {record['seq_per_s']:.0f} seq/s | lr {lr:.2e} | epoch time {now - epoch_t0:.0f} s | "
+                    f"ETA {eta // 60}m{eta % 60:02d}s (training steps)", record)
                 losses, seen, window_t0 = [], 0, now
             if not (stop or step == last_step or step % steps_per_epoch == 0):
                 continue
