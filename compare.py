@@ -55,6 +55,7 @@ try:  # importing torch takes a second or two: a Ctrl-C then is answered like on
     import importlib
     import itertools
     import json
+    import math
     import os
     import re
     import statistics
@@ -76,14 +77,23 @@ class UserError(Exception):
     """Runs that cannot be compared, or bad arguments: one line for the user."""
 
 
+RECORD_FIELDS = {"kind", "step", "epoch", "nlpps"}  # in every record of metrics.jsonl
+EVAL_FIELDS = RECORD_FIELDS | {"bpc", "bound"}  # in every val and test record
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a torn line (a run killed while writing it) is left out."""
+    """metrics.jsonl's records; a torn line (a run killed while writing it), or anything else that is not a
+    whole record, is left out."""
     records = []
     for line in (path / "metrics.jsonl").read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            pass
+            continue
+        if not isinstance(record, dict):
+            continue
+        if (EVAL_FIELDS if record.get("kind") in ("val", "test") else RECORD_FIELDS) <= record.keys():
+            records.append(record)
     return records
 
 
@@ -116,6 +126,8 @@ def read_nlpps(path: Path) -> torch.Tensor:
                 values.append(float(line))
             except ValueError:
                 raise UserError(f"{path} line {number} is not a number: {line.strip()[:40]!r}") from None
+            if not 0 <= values[-1] < math.inf:  # nats of a caption: never negative, NaN or infinite
+                raise UserError(f"{path} line {number} is not a caption's nats (finite, >= 0): {values[-1]}")
     if not values:
         raise UserError(f"{path} holds no values")
     return torch.tensor(values)

@@ -60,7 +60,7 @@ class RunError(Exception):
 class Config:
     embed: int = flag(32, "latent, embedding and conv width E", low=1, part="the model")
     components: int = flag(30, "Gaussian components C of the prior", low=1)
-    depth: int = flag(3, "conv layers D of the encoder and of the decoder (width 5)", low=1)
+    depth: int = flag(3, "conv layers D of the encoder and of the decoder (width 5)", low=1, high=100)
     sigma_max: float = flag(2.5, "cap on the posterior scale", above=0)
     posterior_scale: str = flag("dim", "posterior scale: one learned per dimension, or predicted per slot",
                                 choices=("dim", "slot"))
@@ -89,7 +89,8 @@ class Config:
                        choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
     dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device "
                       "(on a CPU mostly slower)", choices=("float32", "bfloat16"))
-    compile: bool = flag(False, "torch.compile the model's loss")
+    compile: bool = flag(False, "torch.compile the model's loss (its random draws then come from inductor's "
+                         "own generator: a model with noise in its loss trains as with another seed)")
     data_dir: str = flag("", "folder with the three Multi30k .gz files, or a corpus of train.txt, valid.txt, "
                          "test.txt (else $DLM_DATA_DIR, else download Multi30k)")
     out_dir: str = flag("out", "runs are written to OUT_DIR/SCRIPT/RUN_NAME")
@@ -314,6 +315,8 @@ def plot_latents(run_dir, model, x, vocab, title):
 # The same text in every script of the family, but for the lines where a model needs more (a test checks
 # that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
 RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a checkpoint keeps the rest
+# what a checkpoint must hold before a run reads it (the rest is checked as the model loads it)
+CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict)
 
 
 def as_flag(name, value):
@@ -326,8 +329,10 @@ def open_run(argv):
     """Flags -> (settings, the checkpoint --resume, --eval-only or --sample-only reads (else None), the run
     folder). A checkpoint keeps its settings (all but RUN_FLAGS): typing one with another value is refused."""
     cfg, given = common.parse_flags(Config, __doc__, argv)  # argparse from Config; given: the flags typed
-    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
-        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators)")
+    if (cfg.run_name.strip() in ("", ".", "..") or cfg.run_name != cfg.run_name.strip()
+            or any(sep in cfg.run_name for sep in "/\\")):
+        raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators, no "
+                       "leading or trailing spaces)")
     modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
     if len(modes) > 1:
         raise RunError("use only one of " + ", ".join(modes))
@@ -336,7 +341,7 @@ def open_run(argv):
     run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
     if not (cfg.resume or cfg.eval_only or cfg.sample_only):
         return cfg, None, run_dir
-    ckpt = load_checkpoint(run_dir / ("ckpt_last.pt" if cfg.resume else "ckpt_best.pt"))
+    ckpt = resume_point(run_dir) if cfg.resume else load_checkpoint(run_dir / "ckpt_best.pt")
     fields = Config.__dataclass_fields__
     saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
              and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
@@ -391,7 +396,8 @@ def save_checkpoint(state, path):
 def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
-        hint = ("it has no best checkpoint yet: --resume continues it"
+        hint = ("it is not a file" if path.exists()
+                else "it has no best checkpoint yet: --resume continues it"
                 if (path.parent / "ckpt_last.pt").is_file()
                 else "a run stopped before its first checkpoint? --overwrite starts it afresh"
                 if path.parent.is_dir() else "check --out-dir and --run-name")
@@ -403,7 +409,18 @@ def load_checkpoint(path):
                        "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
+    garbled = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), kind)]
+    if garbled:
+        raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
     return state
+
+
+def resume_point(run_dir):
+    """--resume's checkpoint: ckpt_last.pt, or ckpt_best.pt where it is newer (it is written first: a process
+    that died between the two writes left it ahead) or alone (it died before the first ckpt_last.pt)."""
+    saved = [load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
+             if (run_dir / name).is_file()]
+    return max(saved, key=lambda ckpt: ckpt["step"]) if saved else load_checkpoint(run_dir / "ckpt_last.pt")
 
 
 @contextlib.contextmanager
@@ -444,15 +461,18 @@ def stop_requests():
 
 
 def read_metrics(run_dir, keep=None):
-    """metrics.jsonl's records, without a torn line (the process was killed while writing it); with `keep`,
-    the file is rewritten with the records keep(record) accepts."""
+    """metrics.jsonl's records, without a torn line (the process was killed while writing it) or anything
+    else that is not a record; with `keep`, the file is rewritten atomically with the records keep accepts."""
     path, records = run_dir / "metrics.jsonl", []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict) and {"kind", "step", "epoch", "nlpps"} <= record.keys():
+                records.append(record)
     if keep:
-        records = [r for r in records if keep(r)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        records, tmp = [r for r in records if keep(r)], path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(path)
     return records
 
 
@@ -469,6 +489,13 @@ def prepare_run_folder(run_dir, cfg, ckpt):
                        "it afresh")
     for path in old:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def non_finite(what, step, run_dir):
+    """The stop at a NaN or an infinity: nothing of the step is saved; the error names the kept checkpoint."""
+    last = run_dir / "ckpt_last.pt"
+    return RunError(f"non-finite {what} at step {step}: stopped before saving; the last good checkpoint "
+                    f"{last if last.exists() else '(none yet)'} is kept")
 
 
 def log(run_dir, text, record=None):
@@ -549,6 +576,9 @@ def run(argv=None):
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
+    if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
+        raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
+                       f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, losses = 0, math.inf, []
@@ -601,9 +631,7 @@ def run(argv=None):
             with autocast:
                 loss = forward(x.to(device)).mean()
             if not torch.isfinite(loss):
-                last = run_dir / "ckpt_last.pt"
-                raise RunError(f"non-finite loss at step {step}: stopped; the last good checkpoint "
-                               f"{last if last.exists() else '(none yet)'} is kept")
+                raise non_finite("loss", step + 1, run_dir)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -627,8 +655,7 @@ def run(argv=None):
             if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
                 if not math.isfinite(val):
-                    raise RunError(f"non-finite val NLPPS at step {step}: stopped before saving; the last "
-                                   f"good checkpoint {run_dir / 'ckpt_last.pt'} is kept")
+                    raise non_finite("val NLPPS", step, run_dir)
                 is_best, best_val = val <= best_val, min(val, best_val)
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
@@ -644,6 +671,9 @@ def run(argv=None):
                 write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
             plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
             epoch_batches = None
+        if not (run_dir / "ckpt_best.pt").is_file():  # resumed with no step left to train, before any val
+            raise RunError(f"the run is at step {step} and has no ckpt_best.pt to test: --resume with more "
+                           "--max-steps or --epochs trains on to a val, which writes it")
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
         at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)
@@ -657,6 +687,7 @@ def main(argv=None):
     except (RunError, data.DataError) as e:
         sys.exit(f"{SCRIPT}: error: {e}")
     except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # another Ctrl-C while Python shuts down ends it quietly
         sys.exit(f"{SCRIPT}: {str(e) or 'interrupted'}")
     except OSError as e:  # a full disk, a read-only folder: say which file
         sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))

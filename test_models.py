@@ -439,6 +439,9 @@ def test_out_of_range_flags_are_one_line_argparse_errors():
             common.parse_flags(dlm100_rnn.Config, "", bad)
         assert (e.value.code == 2 and len(err.getvalue().strip().splitlines()) == 1
                 and bad[0] in err.getvalue())
+    for module in (dlm123_gmmvae, dlm142_diffusion):  # a layer count that would fill the memory one layer
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):  # at a time: refused
+            common.parse_flags(module.Config, "", ["--depth", "100000"])
     cfg, given = common.parse_flags(dlm100_rnn.Config, "", ["--lr", "1e-4", "--no-compile"])
     assert cfg.lr == 1e-4 and given == {"lr", "compile"}
 
@@ -481,9 +484,16 @@ def test_the_run_is_the_same_text_in_every_script():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_is_atomic_and_foreign_or_corrupt_ones_are_refused(script, tmp_path):
     module, path = MODULES[script], tmp_path / "ckpt.pt"
-    module.save_checkpoint({"script": script, "w": torch.ones(2)}, path)
+    whole = dict(script=script, args={}, vocab=[], data_sha256={}, step=0, best_val=math.inf,
+                 model={"w": torch.ones(2)})
+    module.save_checkpoint(whole, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-    assert module.load_checkpoint(path)["w"].sum() == 2
+    assert module.load_checkpoint(path)["model"]["w"].sum() == 2
+    for garbled in (dict(whole, args=None), {k: v for k, v in whole.items() if k != "data_sha256"}):
+        module.save_checkpoint(garbled, path)  # its own script's, but not whole: refused before it is read
+        with pytest.raises(module.RunError, match=f"not a whole {script} checkpoint .*(args|data_sha256)"):
+            module.load_checkpoint(path)
+    module.save_checkpoint(whole, path)
     other = next(s for s in SCRIPTS if s != script)
     with pytest.raises(MODULES[other].RunError, match=f"not a {other} checkpoint"):
         MODULES[other].load_checkpoint(path)
@@ -513,7 +523,7 @@ def test_a_failed_checkpoint_write_says_why_leaves_no_temp_file_and_keeps_the_ol
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, tmp_path / "ckpt_best.pt")
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_last.pt"]
-    assert dlm100_rnn.load_checkpoint(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -571,6 +581,11 @@ def test_resume_keeps_the_runs_epochs_unless_given_anew(finished, tmp_path):
                                               "--max-steps", str(4 * saved), *more))
         assert f"resumed at step {4 * saved} | {epochs} epochs |" in out
     assert json.loads((run_dir / "args.json").read_text())["epochs"] == saved + 5
+    before = snapshot(run_dir)  # fewer epochs than the run has trained: refused, the folder untouched
+    code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", finished.tiny_data, out_dir, "--resume",
+                                                "--epochs", "1"))
+    assert_one_line_error(code, err, f"--epochs 1 ends before step {4 * saved}", f"--epochs {saved}")
+    assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -626,14 +641,20 @@ def test_run_control_answers_in_one_line(finished, tiny_data, tmp_path, monkeypa
     (run_dir / "ckpt_best.pt").unlink()  # a run stopped before its first val: --resume, not --overwrite
     code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert_one_line_error(code, err, "no best checkpoint yet: --resume continues it")
+    code, _, err = call("dlm100_rnn", ["--resume", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    assert_one_line_error(code, err, "no ckpt_best.pt to test", "more --max-steps or --epochs")
+    (run_dir / "ckpt_best.pt").mkdir()
+    code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    assert_one_line_error(code, err, "ckpt_best.pt (it is not a file)")
+    (run_dir / "ckpt_best.pt").rmdir()
     (run_dir / "sub").mkdir()  # --overwrite empties a folder that holds a folder too
     call_ok("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, out_dir, "--overwrite", "--max-steps", "1"))
     assert not (run_dir / "sub").exists()
     with open(run_dir / "metrics.jsonl", "a") as f:  # a torn last line: --eval-only's records stay whole
-        f.write('{"kind": "val", "st')
+        f.write('{"kind": "test"}\n5\n{"kind": "val", "st')  # (and JSON that is not a record is dropped)
     call_ok("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert all(json.loads(line) for line in lines) and json.loads(lines[-1])["kind"] == "test"
+    assert all("step" in json.loads(line) for line in lines) and json.loads(lines[-1])["kind"] == "test"
 
     def too_big(*args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
@@ -657,13 +678,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, tiny_d
 
     monkeypatch.setattr(module.Model, "loss", loss_that_blows_up)
     code, _, err = call(script, tiny_args(script, tiny_data, tmp_path, "--epochs", "3"))
-    assert_one_line_error(code, err, "non-finite loss at step 6", "ckpt_last.pt")
+    assert_one_line_error(code, err, "non-finite loss at step 7", "ckpt_last.pt")  # the 7th step's loss
     ckpt = module.load_checkpoint(tmp_path / script / "default" / "ckpt_last.pt")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                      if v.is_floating_point())
     calls["n"] = 6  # a new run, NaN from its first step: before any checkpoint, so none is claimed
     code, _, err = call(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "early"))
-    assert_one_line_error(code, err, "non-finite loss at step 0", "(none yet)")
+    assert_one_line_error(code, err, "non-finite loss at step 1", "(none yet)")
+    monkeypatch.undo()  # a NaN val at the first epoch's end: no checkpoint is claimed either
+    real_evaluate = module.evaluate
+
+    def nan_val(*args, **kwargs):
+        nll, extra = real_evaluate(*args, **kwargs)
+        return nll * math.nan, extra
+
+    monkeypatch.setattr(module, "evaluate", nan_val)
+    code, _, err = call(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "nan_val"))
+    assert_one_line_error(code, err, "non-finite val NLPPS at step 4", "(none yet)")
 
 
 BAD_CHECKPOINTS = {
@@ -746,8 +777,8 @@ def test_a_finished_run_is_never_mixed_with_a_new_one(script, finished, tiny_dat
     assert_one_line_error(code, err, "holds a run: add --resume", "--resume", "--overwrite")
     code, _, err = call(script, tiny_args(script, tiny_data, out_dir, "--eval-only", "--embed", "64"))
     assert_one_line_error(code, err, "--embed 64 contradicts the checkpoint")
-    for bad in (["--run-name", "../../escape"], ["--lr", "nan"], ["--temperature", "1e-45"],
-                ["--seed", "-1"]):
+    for bad in (["--run-name", "../../escape"], ["--run-name", " "], ["--run-name", "a "], ["--lr", "nan"],
+                ["--temperature", "1e-45"], ["--seed", "-1"]):
         assert_one_line_error(*call(script, tiny_args(script, tiny_data, out_dir, *bad))[::2])
     assert snapshot(run_dir) == before and not (tmp_path / "escape").exists()
     # --overwrite starts afresh: only the new run's records remain
@@ -845,6 +876,22 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_afresh_with_overwr
     assert dlm100_rnn.load_checkpoint(run_dir / "ckpt_last.pt")["step"] == 1
 
 
+def test_a_second_ctrl_c_while_python_shuts_down_ends_it_quietly(monkeypatch):
+    """After the one-line message, torch's exit handlers still run: a Ctrl-C then ends the process (as the
+    shell's 130), not in a traceback from an atexit callback."""
+    def interrupted(argv):
+        raise KeyboardInterrupt("interrupted at step 3: saved ckpt_last.pt")
+
+    monkeypatch.setattr(dlm100_rnn, "run", interrupted)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit, match="dlm100_rnn: interrupted at step 3"):
+            dlm100_rnn.main([])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_stops_sample_only_at_once_and_offers_no_resume(finished, tmp_path):
     out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
@@ -929,24 +976,28 @@ class Killed(BaseException):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_run_killed_between_its_two_checkpoint_writes_resumes_to_the_straight_runs_test(
         script, tiny_data, tmp_path, monkeypatch):
-    """Killed after the first checkpoint written at the last step (ckpt_best.pt when that step is the best),
-    then resumed: the checkpoints never disagree on which is best, so the test scores the same model."""
+    """Killed after the first of the two checkpoints written at a step (ckpt_best.pt, when that step is the
+    best): at the first epoch's end, before any ckpt_last.pt, and at the last step. --resume continues from
+    the newer checkpoint, so the test scores the model the straight run scores."""
     module = MODULES[script]
     call_ok(script, tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", "straight"))
     real_save = module.save_checkpoint
+    for kill_step in (4, 8):
+        def save_then_die(state, path):
+            real_save(state, path)
+            if state["step"] == kill_step:
+                raise Killed
 
-    def save_then_die(state, path):
-        real_save(state, path)
-        if state["step"] == 8:
-            raise Killed
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed), contextlib.redirect_stdout(io.StringIO()):
-        module.main(tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", "killed"))
-    monkeypatch.undo()
-    call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "killed", "--resume"))
-    straight, killed = (read_records(tmp_path / script / name, "test") for name in ("straight", "killed"))
-    assert killed == straight
+        monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+        run_name = f"killed_at_{kill_step}"
+        with pytest.raises(Killed), contextlib.redirect_stdout(io.StringIO()):
+            module.main(tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", run_name))
+        monkeypatch.undo()
+        assert (tmp_path / script / run_name / "ckpt_last.pt").exists() == (kill_step == 8)
+        out = call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", run_name, "--resume"))
+        assert f"resumed at step {kill_step} |" in out
+        straight, killed = (read_records(tmp_path / script / name, "test") for name in ("straight", run_name))
+        assert killed == straight
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -2001,10 +2052,15 @@ def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_ou
     n = 31
     a = fake_run(tmp_path, "dlm100_rnn", "a", [10.0] * n, custom_data=True, data_sha256={"test": "1"})
     b = fake_run(tmp_path, "dlm100_rnn", "b", [11.0] * n, custom_data=True, data_sha256={"test": "1"})
-    with open(Path(b) / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "train", "ste')  # a run killed while it wrote a record
+    with open(Path(b) / "metrics.jsonl", "a") as f:  # a hand-edited record, and a run killed while it
+        f.write('{"kind": "test"}\n[1]\n{"kind": "train", "ste')  # wrote one: not records, left out
     text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
     assert "dlm100_rnn/a wins on 100.0%" in text
+    for bad in ("nan", "-1.0", "1e999"):  # a caption's nats are finite and never negative
+        (Path(b) / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in [11.0] * (n - 1) + [bad]))
+        with pytest.raises(compare.UserError, match=f"line {n} is not a caption's nats"):
+            compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
+    (Path(b) / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in [11.0] * n))
     other = fake_run(tmp_path, "dlm100_rnn", "other", [11.0] * n, custom_data=True, data_sha256={"test": "2"})
     with pytest.raises(compare.UserError, match="different data files"):
         compare.compare([a, other, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
