@@ -77,8 +77,8 @@ class UserError(Exception):
     """Runs that cannot be compared, or bad arguments: one line for the user."""
 
 
-RECORD_FIELDS = {"kind", "step", "epoch", "nlpps"}  # in every record of metrics.jsonl
-EVAL_FIELDS = RECORD_FIELDS | {"bpc", "bound"}  # in every val and test record
+RECORD_FIELDS = dict(kind=str, step=int, epoch=(int, float), nlpps=(int, float))  # of every record
+EVAL_FIELDS = RECORD_FIELDS | dict(bpc=(int, float), bound=str)  # of every val and test record
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -92,7 +92,8 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         if not isinstance(record, dict):
             continue
-        if (EVAL_FIELDS if record.get("kind") in ("val", "test") else RECORD_FIELDS) <= record.keys():
+        fields = EVAL_FIELDS if record.get("kind") in ("val", "test") else RECORD_FIELDS
+        if all(isinstance(record.get(k), expected) for k, expected in fields.items()):
             records.append(record)
     return records
 

@@ -317,6 +317,7 @@ def plot_latents(run_dir, model, x, vocab, title):
 RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a checkpoint keeps the rest
 # what a checkpoint must hold before a run reads it (the rest is checked as the model loads it)
 CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict)
+RECORD_FIELDS = dict(kind=str, step=int, epoch=(int, float), nlpps=(int, float))  # of a metrics.jsonl line
 
 
 def as_flag(name, value):
@@ -409,7 +410,7 @@ def load_checkpoint(path):
                        "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
-    garbled = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), kind)]
+    garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
     if garbled:
         raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
     return state
@@ -467,7 +468,8 @@ def read_metrics(run_dir, keep=None):
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
             record = json.loads(line)
-            if isinstance(record, dict) and {"kind", "step", "epoch", "nlpps"} <= record.keys():
+            if isinstance(record, dict) and all(isinstance(record.get(k), expected)
+                                                for k, expected in RECORD_FIELDS.items()):
                 records.append(record)
     if keep:
         records, tmp = [r for r in records if keep(r)], path.with_name(path.name + ".tmp")
@@ -576,6 +578,9 @@ def run(argv=None):
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
+    if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
+        raise RunError(f"the run is at step {ckpt['step']} and has no ckpt_best.pt to test: --resume with "
+                       "more --max-steps or --epochs trains on to a val, which writes it")
     if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
                        f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")
@@ -656,7 +661,10 @@ def run(argv=None):
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
                 if not math.isfinite(val):
                     raise non_finite("val NLPPS", step, run_dir)
-                is_best, best_val = val <= best_val, min(val, best_val)
+                if epoch_done:
+                    is_best, best_val = val <= best_val, min(val, best_val)
+                else:  # a --max-steps stop, where a straight run has no val: no candidate for the best,
+                    is_best = best_val == math.inf  # but before any epoch's end it stands in as ckpt_best.pt
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
@@ -671,9 +679,6 @@ def run(argv=None):
                 write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
             plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
             epoch_batches = None
-        if not (run_dir / "ckpt_best.pt").is_file():  # resumed with no step left to train, before any val
-            raise RunError(f"the run is at step {step} and has no ckpt_best.pt to test: --resume with more "
-                           "--max-steps or --epochs trains on to a val, which writes it")
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
         at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)

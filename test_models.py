@@ -548,6 +548,7 @@ def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tin
     call_ok(script, base + ["--run-name", "split", "--max-steps", "6"])
     with open(tmp_path / script / "split" / "metrics.jsonl", "a") as f:  # as if killed while logging step 8
         f.write(json.dumps(dict(kind="train", step=7, epoch=1.75, nlpps=1.0)) + '\n{"kind": "train", "st')
+        f.write('\n{"kind": "val", "step": "a", "epoch": 1, "nlpps": 1}\n')  # and a hand-edited line: dropped
     last = tmp_path / script / "split" / "ckpt_last.pt"  # its clocks, as if the first 6 steps took 1000 s
     clocks = dict(train_seconds=1000.0, train_cpu_seconds=900.0)
     torch.save(torch.load(last, weights_only=True) | clocks, last)
@@ -619,6 +620,27 @@ def test_a_non_finite_val_stops_before_anything_is_saved(tiny_data, tmp_path, mo
     assert_one_line_error(code, err, "non-finite val NLPPS at step 8", "stopped before saving")
     last = dlm100_rnn.load_checkpoint(run_dir / "ckpt_last.pt")
     assert last["step"] == 4 and math.isfinite(last["best_val"])  # the good one: --resume can go on
+
+
+def test_a_max_steps_stop_mid_epoch_never_becomes_the_best(tiny_data, tmp_path, monkeypatch):
+    """A straight run has no val mid-epoch, so a --max-steps stop's val may not compete for the best (else a
+    resumed run tests another model than the straight one); before the first epoch's end it stands in."""
+    real_evaluate, vals = dlm100_rnn.evaluate, []
+
+    def mid_epoch_val_looks_best(model, x, cfg, device, full=True):
+        nll, extra = real_evaluate(model, x, cfg, device, full)
+        vals.append(full)
+        return nll * (0.5 if not full and len(vals) == 2 else 1), extra  # the run's 2nd val: at step 6
+
+    run_dir = tmp_path / "dlm100_rnn" / "default"
+    call_ok("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--epochs", "3", "--max-steps", "2"))
+    best, last = (torch.load(run_dir / name, weights_only=True) for name in ("ckpt_best.pt", "ckpt_last.pt"))
+    assert best["step"] == 2 and last["best_val"] == math.inf  # a stand-in, not a best
+    monkeypatch.setattr(dlm100_rnn, "evaluate", mid_epoch_val_looks_best)
+    call_ok("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--resume", "--max-steps", "6"))
+    best, last = (torch.load(run_dir / name, weights_only=True) for name in ("ckpt_best.pt", "ckpt_last.pt"))
+    val_at_4 = [r["nlpps"] for r in read_metrics(run_dir) if r["kind"] == "val" and r["step"] == 4]
+    assert best["step"] == 4 and last["step"] == 6 and last["best_val"] == best["best_val"] == val_at_4[-1]
 
 
 def test_resumed_records_equal_straight_ones_at_any_log_every_and_a_finished_run_has_one_test(tiny_data,
@@ -2053,7 +2075,8 @@ def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_ou
     a = fake_run(tmp_path, "dlm100_rnn", "a", [10.0] * n, custom_data=True, data_sha256={"test": "1"})
     b = fake_run(tmp_path, "dlm100_rnn", "b", [11.0] * n, custom_data=True, data_sha256={"test": "1"})
     with open(Path(b) / "metrics.jsonl", "a") as f:  # a hand-edited record, and a run killed while it
-        f.write('{"kind": "test"}\n[1]\n{"kind": "train", "ste')  # wrote one: not records, left out
+        f.write('{"kind": "test"}\n[1]\n{"kind": "test", "step": 8, "epoch": 2, "nlpps": "x", "bpc": 1, '
+                '"bound": "exact"}\n{"kind": "train", "ste')  # wrote one: not records, left out
     text = compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
     assert "dlm100_rnn/a wins on 100.0%" in text
     for bad in ("nan", "-1.0", "1e999"):  # a caption's nats are finite and never negative
