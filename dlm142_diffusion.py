@@ -500,9 +500,9 @@ def open_run(argv):
     folder). A checkpoint keeps its settings (all but RUN_FLAGS): typing one with another value is refused."""
     cfg, given = common.parse_flags(Config, __doc__, argv)  # argparse from Config; given: the flags typed
     if (cfg.run_name.strip() in ("", ".", "..") or cfg.run_name != cfg.run_name.strip()
-            or any(sep in cfg.run_name for sep in "/\\")):
+            or not cfg.run_name.isprintable() or any(sep in cfg.run_name for sep in "/\\")):
         raise RunError(f"--run-name {cfg.run_name!r} must be a plain folder name (no path separators, no "
-                       "leading or trailing spaces)")
+                       "leading or trailing spaces, no control characters)")
     modes = [as_flag(m, True) for m in ("resume", "eval_only", "sample_only", "overwrite") if getattr(cfg, m)]
     if len(modes) > 1:
         raise RunError("use only one of " + ", ".join(modes))

@@ -799,8 +799,8 @@ def test_a_finished_run_is_never_mixed_with_a_new_one(script, finished, tiny_dat
     assert_one_line_error(code, err, "holds a run: add --resume", "--resume", "--overwrite")
     code, _, err = call(script, tiny_args(script, tiny_data, out_dir, "--eval-only", "--embed", "64"))
     assert_one_line_error(code, err, "--embed 64 contradicts the checkpoint")
-    for bad in (["--run-name", "../../escape"], ["--run-name", " "], ["--run-name", "a "], ["--lr", "nan"],
-                ["--temperature", "1e-45"], ["--seed", "-1"]):
+    for bad in (["--run-name", "../../escape"], ["--run-name", " "], ["--run-name", "a "],
+                ["--run-name", "a\nb"], ["--lr", "nan"], ["--temperature", "1e-45"], ["--seed", "-1"]):
         assert_one_line_error(*call(script, tiny_args(script, tiny_data, out_dir, *bad))[::2])
     assert snapshot(run_dir) == before and not (tmp_path / "escape").exists()
     # --overwrite starts afresh: only the new run's records remain
