@@ -1181,12 +1181,12 @@ def run(argv=None):
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
-    if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
-        raise RunError(f"the run is at step {ckpt['step']} and has no ckpt_best.pt to test: --resume with "
-                       "more --max-steps or --epochs trains on to a val, which writes it")
     if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
                        f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")
+    if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
+        raise RunError(f"the run is at step {ckpt['step']} and has no ckpt_best.pt to test: --resume with "
+                       "more --max-steps or --epochs trains on to a val, which writes it")
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, losses = 0, math.inf, []
