@@ -125,6 +125,24 @@ def _checked(kind, m):
     return parse
 
 
+def invalid_settings(config_cls, settings) -> list[str]:
+    """The flags (as --name) a checkpoint keeps that `settings` (its args) lacks or holds with a value the
+    flag would refuse: another type, out of range, not one of its choices."""
+    def valid(f, value):
+        kind, m = type(f.default), f.metadata
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            return False
+        try:
+            _checked(kind, m)(value)
+        except argparse.ArgumentTypeError:
+            return False
+        return m["choices"] is None or value in m["choices"]
+
+    kept = [f for f in dataclasses.fields(config_cls) if f.name not in run_flags(config_cls)]
+    return ["--" + f.name.replace("_", "-") for f in kept
+            if not (f.name in settings and valid(f, settings[f.name]))]
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block: the message names the flag
         self.exit(2, f"{self.prog}: error: {message} (see -h)\n")

@@ -315,8 +315,9 @@ def plot_latents(run_dir, model, x, vocab, title):
 # The same text in every script of the family, but for the lines where a model needs more (a test checks
 # that each script keeps these lines of dlm100_rnn.py): flags, data, model, resume, the loop, checkpoints.
 RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a checkpoint keeps the rest
-# what a checkpoint must hold before a run reads it (the rest is checked as the model loads it)
-CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict)
+# what a checkpoint must hold before a run reads it (the tensors are checked as the model loads them)
+CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict,
+                         optimizer=dict, train_seconds=float, train_cpu_seconds=float, train_losses=list)
 RECORD_FIELDS = dict(kind=str, step=int, epoch=(int, float), nlpps=(int, float))  # of a metrics.jsonl line
 
 
@@ -411,6 +412,10 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
+    if not garbled:  # and the values: a step count, losses, every setting it keeps as its flag accepts it
+        garbled += ["step"] if state["step"] < 0 else []
+        garbled += [] if all(isinstance(v, float) for v in state["train_losses"]) else ["train_losses"]
+        garbled += common.invalid_settings(Config, state["args"])
     if garbled:
         raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
     return state
@@ -420,7 +425,7 @@ def resume_point(run_dir):
     """--resume's checkpoint: ckpt_last.pt, or ckpt_best.pt where it is newer (it is written first: a process
     that died between the two writes left it ahead) or alone (it died before the first ckpt_last.pt)."""
     saved = [load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
-             if (run_dir / name).is_file()]
+             if (run_dir / name).exists()]
     return max(saved, key=lambda ckpt: ckpt["step"]) if saved else load_checkpoint(run_dir / "ckpt_last.pt")
 
 
@@ -473,7 +478,7 @@ def read_metrics(run_dir, keep=None):
                 records.append(record)
     if keep:
         records, tmp = [r for r in records if keep(r)], path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_file(tmp, "".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(path)
     return records
 
@@ -497,17 +502,26 @@ def non_finite(what, step, run_dir):
     """The stop at a NaN or an infinity: nothing of the step is saved; the error names the kept checkpoint."""
     last = run_dir / "ckpt_last.pt"
     return RunError(f"non-finite {what} at step {step}: stopped before saving; the last good checkpoint "
-                    f"{last if last.exists() else '(none yet)'} is kept")
+                    f"{last if last.exists() else '(none yet)'} is kept (--resume replays the same steps; a "
+                    "new run with a lower --lr may get past them)")
+
+
+def write_file(path, text, mode="w"):
+    """Write text to a file (mode "a": append it); a failed write names the file, as a full disk's error
+    does not."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as e:
+        raise RunError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def log(run_dir, text, record=None):
     """Print a line and append it to log.txt, and a record (if any) to metrics.jsonl."""
     print(text, flush=True)
-    with open(run_dir / "log.txt", "a") as f:
-        f.write(text + "\n")
+    write_file(run_dir / "log.txt", text + "\n", "a")
     if record is not None:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_file(run_dir / "metrics.jsonl", json.dumps(record) + "\n", "a")
 
 
 def plot_curves(run_dir, title):
@@ -515,7 +529,7 @@ def plot_curves(run_dir, title):
     records = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, style in (("train", ".-"), ("val", "o-")):
-        of_kind = [r for r in records if r["kind"] == kind]
+        of_kind = sorted((r for r in records if r["kind"] == kind), key=lambda r: r["epoch"])
         ax.plot([r["epoch"] for r in of_kind], [r["nlpps"] for r in of_kind], style, markersize=3, label=kind)
     ax.set(xlabel="epoch", ylabel="NLPPS (nats per caption)", title=title, yscale="log")
     ax.grid(alpha=0.3, which="both")
@@ -545,7 +559,7 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
         dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
     if split == "test":  # in file order: compare.py lines models up caption by caption
-        (run_dir / "test_nlpps.txt").write_text("".join(f"{v:.4f}\n" for v in nll.tolist()))
+        write_file(run_dir / "test_nlpps.txt", "".join(f"{v:.4f}\n" for v in nll.tolist()))
     return nlpps
 
 
@@ -560,8 +574,8 @@ def write_samples(model, vocab, splits, cfg, device, run_dir, epoch):
     lines = [f"[{tag}] {vocab.decode(ids)}" for ids, rec in zip(targets, recons)
              for tag, ids in (("TARGET", ids), ("RECONS", rec))] + lines
     plot_latents(run_dir, model, splits["val"], vocab, f"{SCRIPT}: epoch {epoch}")
-    with open(run_dir / "samples.txt", "a") as f:
-        f.write(f"# epoch {epoch}, temperature {cfg.temperature}\n" + "".join(line + "\n" for line in lines))
+    write_file(run_dir / "samples.txt", f"# epoch {epoch}, temperature {cfg.temperature}\n"
+               + "".join(line + "\n" for line in lines), "a")
     log(run_dir, "\n".join(lines))
 
 
@@ -612,14 +626,15 @@ def run(argv=None):
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
-            read_metrics(run_dir, keep=lambda r: True)  # (drops a torn last line: the next record is whole)
+            # its val and test records replace the ones at this step (and a torn last line is dropped)
+            read_metrics(run_dir, keep=lambda r: r["kind"] == "train" or r["step"] != step)
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, progress())
             return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
         args = dataclasses.asdict(cfg)
-        (run_dir / "args.json").write_text(json.dumps(args | {"data_sha256": sha256}, indent=2))
+        write_file(run_dir / "args.json", json.dumps(args | {"data_sha256": sha256}, indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
@@ -686,13 +701,14 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """Bad input of any kind ends in one line on stderr and exit status 1, never in a traceback."""
+    """Bad input of any kind ends in one line on stderr and exit status 1 (a bad flag: 2, as argparse's usage
+    errors), never in a traceback."""
     try:
         run(argv)
     except (RunError, data.DataError) as e:
         sys.exit(f"{SCRIPT}: error: {e}")
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # another Ctrl-C while Python shuts down ends it quietly
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the message is printed, whatever Ctrl-C follows it
         sys.exit(f"{SCRIPT}: {str(e) or 'interrupted'}")
     except OSError as e:  # a full disk, a read-only folder: say which file
         sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))

@@ -11,6 +11,7 @@ import ast
 import builtins
 import collections
 import contextlib
+import copy
 import dataclasses
 import difflib
 import errno
@@ -484,8 +485,9 @@ def test_the_run_is_the_same_text_in_every_script():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_is_atomic_and_foreign_or_corrupt_ones_are_refused(script, tmp_path):
     module, path = MODULES[script], tmp_path / "ckpt.pt"
-    whole = dict(script=script, args={}, vocab=[], data_sha256={}, step=0, best_val=math.inf,
-                 model={"w": torch.ones(2)})
+    whole = dict(script=script, args=dataclasses.asdict(module.Config()), vocab=[], data_sha256={}, step=0,
+                 best_val=math.inf, model={"w": torch.ones(2)}, optimizer={}, train_seconds=0.0,
+                 train_cpu_seconds=0.0, train_losses=[])
     module.save_checkpoint(whole, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert module.load_checkpoint(path)["model"]["w"].sum() == 2
@@ -600,6 +602,8 @@ def test_eval_only_repeats_the_test_number_and_sample_only_prints_samples(script
                            "--data-dir", data_dir])
     assert sum(line.startswith("[") for line in out.splitlines()) >= 3
     assert "<bos>" not in out
+    evaluations = [(r["kind"], r["step"]) for r in read_metrics(run_dir) if r["kind"] != "train"]
+    assert len(evaluations) == len(set(evaluations)) and evaluations[-1][0] == "test"  # replaced, not added
     if "iw_samples" in MODULES[script].RUN_FLAGS:  # an evaluation setting, not the model's
         out = call_ok(script, ["--eval-only", "--iw-samples", "2", "--out-dir", str(out_dir),
                                "--data-dir", data_dir])
@@ -669,6 +673,13 @@ def test_run_control_answers_in_one_line(finished, tiny_data, tmp_path, monkeypa
     code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert_one_line_error(code, err, "ckpt_best.pt (it is not a file)")
     (run_dir / "ckpt_best.pt").rmdir()
+    (run_dir / "ckpt_last.pt").rename(run_dir / "last")  # --resume never skips a ckpt_last.pt it cannot read
+    (run_dir / "ckpt_last.pt").mkdir()
+    shutil.copy(run_dir / "last", run_dir / "ckpt_best.pt")  # (for another checkpoint to pass to)
+    code, _, err = call("dlm100_rnn", ["--resume", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    assert_one_line_error(code, err, "ckpt_last.pt (it is not a file)")
+    (run_dir / "ckpt_last.pt").rmdir()
+    (run_dir / "last").rename(run_dir / "ckpt_last.pt")
     (run_dir / "sub").mkdir()  # --overwrite empties a folder that holds a folder too
     call_ok("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, out_dir, "--overwrite", "--max-steps", "1"))
     assert not (run_dir / "sub").exists()
@@ -739,6 +750,44 @@ def test_a_bad_checkpoint_is_one_line_and_the_folder_is_untouched(script, kind, 
         assert_one_line_error(code, err, "ckpt_")
         assert "weights_only" not in err  # never the unsafe advice to unpickle it
     assert snapshot(run_dir) == before
+
+
+EDITED_CHECKPOINTS = {  # a real checkpoint with one value edited by hand, and what the error names
+    "--embed": lambda state: state["args"].update(embed="16"),
+    "--batch-size": lambda state: state["args"].pop("batch_size"),
+    "--lr": lambda state: state["args"].update(lr=-1.0),
+    "step": lambda state: state.update(step=-4),
+    "train_seconds": lambda state: state.update(train_seconds="1"),
+    "train_losses": lambda state: state.update(train_losses=["1"]),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_edited_by_hand_is_refused_naming_the_value(script, finished, tmp_path):
+    out_dir, run_dir = copy_run(finished[script], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    real = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    for wrong, edit in EDITED_CHECKPOINTS.items():
+        state = copy.deepcopy(real)
+        edit(state)
+        for name in ("ckpt_last.pt", "ckpt_best.pt"):
+            torch.save(state, run_dir / name)
+        before = snapshot(run_dir)
+        for mode in ("--resume", "--eval-only"):
+            code, _, err = call(script, [mode, "--out-dir", str(out_dir), "--data-dir", data_dir])
+            assert_one_line_error(code, err, f"not a whole {script} checkpoint (no valid {wrong})")
+        assert snapshot(run_dir) == before
+
+
+def test_a_failed_write_names_the_file(finished, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (a device whose every write fails as on a full disk)")
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    (run_dir / "log.txt").unlink()
+    (run_dir / "log.txt").symlink_to("/dev/full")
+    code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    assert_one_line_error(code, err, f"could not write {run_dir / 'log.txt'}: No space left on device")
 
 
 def bad_data(kind, tiny_data, folder):
@@ -898,9 +947,9 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_afresh_with_overwr
     assert dlm100_rnn.load_checkpoint(run_dir / "ckpt_last.pt")["step"] == 1
 
 
-def test_a_second_ctrl_c_while_python_shuts_down_ends_it_quietly(monkeypatch):
-    """After the one-line message, torch's exit handlers still run: a Ctrl-C then ends the process (as the
-    shell's 130), not in a traceback from an atexit callback."""
+def test_a_ctrl_c_while_python_shuts_down_is_ignored(monkeypatch):
+    """After the one-line message, torch's exit handlers still run: a Ctrl-C then is ignored, neither a
+    traceback from an atexit callback nor an end before the message is printed."""
     def interrupted(argv):
         raise KeyboardInterrupt("interrupted at step 3: saved ckpt_last.pt")
 
@@ -909,7 +958,7 @@ def test_a_second_ctrl_c_while_python_shuts_down_ends_it_quietly(monkeypatch):
     try:
         with pytest.raises(SystemExit, match="dlm100_rnn: interrupted at step 3"):
             dlm100_rnn.main([])
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -984,11 +1033,12 @@ def test_every_script_scores_a_distribution_that_sums_to_one_or_a_bound_below_it
 def test_the_test_number_does_not_depend_on_the_eval_batch_size(script, finished, tmp_path):
     out_dir, run_dir = copy_run(finished[script], tmp_path)
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    numbers = []
     for size in ("64", "7"):
         call_ok(script, ["--eval-only", "--eval-batch-size", size, "--out-dir", str(out_dir),
                          "--data-dir", data_dir])
-    first, second = [r for r in read_metrics(run_dir) if r["kind"] == "test"][-2:]
-    assert first["nlpps"] == second["nlpps"]  # bit for bit: each caption's noise is its own
+        numbers += [r["nlpps"] for r in read_metrics(run_dir) if r["kind"] == "test"]  # (one: replaced)
+    assert len(numbers) == 2 and numbers[0] == numbers[1]  # bit for bit: each caption's noise is its own
 
 
 class Killed(BaseException):
