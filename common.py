@@ -108,6 +108,10 @@ def run_flags(config_cls) -> set[str]:
     return {f.name for f in fields[first:]}
 
 
+def _kind(f):  # a field's type, from its annotation (a string under `from __future__ import annotations`)
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+
+
 def _checked(kind, m):
     def parse(text):
         try:
@@ -129,7 +133,7 @@ def invalid_settings(config_cls, settings) -> list[str]:
     """The flags (as --name) a checkpoint keeps that `settings` (its args) lacks or holds with a value the
     flag would refuse: another type, out of range, not one of its choices."""
     def valid(f, value):
-        kind, m = type(f.default), f.metadata
+        kind, m = _kind(f), f.metadata
         if type(value) is not kind and not (kind is float and type(value) is int):
             return False
         try:
@@ -158,10 +162,9 @@ def parse_flags(config_cls, description, argv=None):
         m, name = f.metadata, "--" + f.name.replace("_", "-")
         section = parser.add_argument_group(m["part"]) if m["part"] else section
         help = m["help"].replace("%", "%%") + f" (default: {f.default})"
-        if f.type in ("bool", bool):
+        if _kind(f) is bool:
             section.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            section.add_argument(name, choices=m["choices"], type=_checked(kind, m), help=help)
+            section.add_argument(name, choices=m["choices"], type=_checked(_kind(f), m), help=help)
     given = vars(parser.parse_args(argv))
     return config_cls(**given), set(given)
