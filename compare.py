@@ -85,7 +85,7 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's records; a torn line (a run killed while writing it), or anything else that is not a
     whole record, is left out."""
     records = []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
+    for line in (path / "metrics.jsonl").read_text("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -136,6 +136,8 @@ def read_nlpps(path: Path) -> torch.Tensor:
 
 def load_run(path: Path) -> Run:
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder: give run folders, e.g. out/dlm100_rnn/default")
     for name in ("args.json", "metrics.jsonl", "test_nlpps.txt", "ckpt_best.pt"):
         if not (path / name).is_file():
             raise UserError(f"{path} has no {name}: is it a finished run folder?")
@@ -439,7 +441,7 @@ def compare(argv=None) -> str:
     args = parser.parse_args(argv)
     paths = list(dict.fromkeys([args.baseline] * bool(args.baseline) + args.runs))
     if len(paths) < 2:
-        raise UserError("give at least two run folders")
+        raise UserError("give at least two different run folders")
     runs = [load_run(p) for p in paths]
     check_comparable(runs)
     captions = read_test_captions(runs, args.data_dir or None)

@@ -558,7 +558,7 @@ def save_checkpoint(state, path):
         tmp.write_bytes(buffer.getbuffer())
         tmp.replace(path)
     except OSError as e:
-        previous = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        previous = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
     finally:
         tmp.unlink(missing_ok=True)  # (gone after the rename; left by a failed write or a second Ctrl-C)
@@ -581,8 +581,10 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
-    if not garbled:  # and the values: a step count, losses, every setting it keeps as its flag accepts it
-        garbled += ["step"] if state["step"] < 0 else []
+    if not garbled:  # and the values: a count of steps, finite weights, float losses, valid settings
+        garbled += ["step"] if isinstance(state["step"], bool) or state["step"] < 0 else []
+        weights = [t for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point()]
+        garbled += [] if all(bool(t.isfinite().all()) for t in weights) else ["model (non-finite weights)"]
         garbled += [] if all(isinstance(v, float) for v in state["train_losses"]) else ["train_losses"]
         garbled += common.invalid_settings(Config, state["args"])
     if garbled:
@@ -606,7 +608,7 @@ def lock_run_folder(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / ".lock", "a")
     except OSError as e:
-        raise RunError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+        raise RunError(f"cannot use the run folder {run_dir}: {e.strerror or e}") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -619,12 +621,13 @@ def lock_run_folder(run_dir):
 @contextlib.contextmanager
 def stop_requests():
     """Ctrl-C or SIGTERM while training lands in the list this yields: the loop finishes its step, saves and
-    stops. A second one stops at once."""
+    stops. A second one, or one once the list holds "trained" (the final test), stops at once."""
     requests = []
 
     def request_stop(signum, frame):
         if requests:
-            raise KeyboardInterrupt("interrupted again: stopped at once")
+            raise KeyboardInterrupt("interrupted: stopped at once, saving nothing more (the checkpoints are "
+                                    "as last saved)")
         requests.append(signum)
 
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -635,28 +638,36 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def read_metrics(run_dir, keep=None):
+def read_metrics(run_dir):
     """metrics.jsonl's records, without a torn line (the process was killed while writing it) or anything
-    else that is not a record; with `keep`, the file is rewritten atomically with the records keep accepts."""
+    else that is not a record (bytes that are not UTF-8 included)."""
     path, records = run_dir / "metrics.jsonl", []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for line in path.read_text("utf-8", errors="replace").splitlines() if path.is_file() else []:
         with contextlib.suppress(json.JSONDecodeError):
             record = json.loads(line)
             if isinstance(record, dict) and all(isinstance(record.get(k), expected)
                                                 for k, expected in RECORD_FIELDS.items()):
                 records.append(record)
-    if keep:
-        records, tmp = [r for r in records if keep(r)], path.with_name(path.name + ".tmp")
+    return records
+
+
+def rewrite_metrics(run_dir, records):
+    """metrics.jsonl replaced by these records, atomically: a temp file, renamed (and never left behind)."""
+    path = run_dir / "metrics.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    try:
         write_file(tmp, "".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(path)
-    return records
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_run_folder(run_dir, cfg, ckpt):
     """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
     its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
     if ckpt is not None:
-        return read_metrics(run_dir, keep=lambda r: r["step"] <= ckpt["step"] and r["kind"] != "test")
+        return rewrite_metrics(run_dir, [r for r in read_metrics(run_dir)
+                                         if r["step"] <= ckpt["step"] and r["kind"] != "test"])
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
     if old and not cfg.overwrite:
         what, resumable = (("a run", "add --resume to continue it, ") if (run_dir / "ckpt_last.pt").exists()
@@ -670,9 +681,9 @@ def prepare_run_folder(run_dir, cfg, ckpt):
 def non_finite(what, step, run_dir):
     """The stop at a NaN or an infinity: nothing of the step is saved; the error names the kept checkpoint."""
     last = run_dir / "ckpt_last.pt"
+    kept = f"{last} is kept (--resume replays the same steps)" if last.exists() else "(none yet) is kept"
     return RunError(f"non-finite {what} at step {step}: stopped before saving; the last good checkpoint "
-                    f"{last if last.exists() else '(none yet)'} is kept (--resume replays the same steps; a "
-                    "new run with a lower --lr may get past them)")
+                    f"{kept}; a new run with a lower --lr may get past it")
 
 
 def write_file(path, text, mode="w"):
@@ -754,7 +765,7 @@ def run(argv=None):
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
-    if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
+    if cfg.resume and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
                        f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")
     if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
@@ -775,8 +786,8 @@ def run(argv=None):
             order.set_state(ckpt["epoch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({str(e).splitlines()[0][:120]})"
-                       ) from None
+        error = " ".join(str(e).split())[:240]  # (torch's first line names no key)
+        raise RunError(f"the checkpoint in {run_dir} does not fit this model ({error})") from None
     forward = torch.compile(model.loss) if cfg.compile else model.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
@@ -788,11 +799,12 @@ def run(argv=None):
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
-            # its val and test records replace the ones at this step (and a torn last line is dropped)
-            read_metrics(run_dir, keep=lambda r: r["kind"] == "train" or r["step"] != step)
+            rewrite_metrics(run_dir, read_metrics(run_dir))  # (drops a torn last line: the next one is whole)
             for split in ("val", "test"):
                 evaluate_split(model, splits, split, cfg, device, run_dir, progress())
-            return
+            *records, val, test = read_metrics(run_dir)  # once both are written, they replace this step's
+            return rewrite_metrics(run_dir, [r for r in records if r["kind"] == "train" or r["step"] != step]
+                                   + [val, test])
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
         args = dataclasses.asdict(cfg)
@@ -856,6 +868,7 @@ def run(argv=None):
                 write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
             plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
             epoch_batches = None
+        stop.append("trained")  # from here on a signal stops at once
         best = load_checkpoint(run_dir / "ckpt_best.pt")
         model.load_state_dict(best["model"])
         at_best = dict(step=best["step"], epoch=best["step"] / steps_per_epoch)

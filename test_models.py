@@ -518,9 +518,9 @@ def test_a_failed_checkpoint_write_says_why_leaves_no_temp_file_and_keeps_the_ol
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
     with pytest.raises(dlm100_rnn.RunError, match="could not write .*ckpt_last.pt: No space left on device; "
-                                                  "the previous checkpoint is kept"):
+                                                  "the previous ckpt_last.pt is kept"):
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 2}, path)
-    with pytest.raises(dlm100_rnn.RunError, match="No space left on device; no checkpoint was written"):
+    with pytest.raises(dlm100_rnn.RunError, match="No space left on device; no ckpt_best.pt was written"):
         # the first
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, tmp_path / "ckpt_best.pt")
     monkeypatch.undo()
@@ -752,14 +752,17 @@ def test_a_bad_checkpoint_is_one_line_and_the_folder_is_untouched(script, kind, 
     assert snapshot(run_dir) == before
 
 
-EDITED_CHECKPOINTS = {  # a real checkpoint with one value edited by hand, and what the error names
-    "--embed": lambda state: state["args"].update(embed="16"),
-    "--batch-size": lambda state: state["args"].pop("batch_size"),
-    "--lr": lambda state: state["args"].update(lr=-1.0),
-    "step": lambda state: state.update(step=-4),
-    "train_seconds": lambda state: state.update(train_seconds="1"),
-    "train_losses": lambda state: state.update(train_losses=["1"]),
-}
+EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand, and what the error names
+    ("--embed", lambda state: state["args"].update(embed="16")),
+    ("--batch-size", lambda state: state["args"].pop("batch_size")),
+    ("--lr", lambda state: state["args"].update(lr=-1.0)),
+    ("step", lambda state: state.update(step=-4)),
+    ("step", lambda state: state.update(step=True)),
+    ("train_seconds", lambda state: state.update(train_seconds="1")),
+    ("train_losses", lambda state: state.update(train_losses=["1"])),
+    ("model (non-finite weights)", lambda state: state["model"].update(
+        {k: v * math.nan for k, v in state["model"].items() if v.is_floating_point()})),
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -767,7 +770,7 @@ def test_a_checkpoint_edited_by_hand_is_refused_naming_the_value(script, finishe
     out_dir, run_dir = copy_run(finished[script], tmp_path)
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
     real = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
-    for wrong, edit in EDITED_CHECKPOINTS.items():
+    for wrong, edit in EDITED_CHECKPOINTS:
         state = copy.deepcopy(real)
         edit(state)
         for name in ("ckpt_last.pt", "ckpt_best.pt"):
@@ -777,6 +780,41 @@ def test_a_checkpoint_edited_by_hand_is_refused_naming_the_value(script, finishe
             code, _, err = call(script, [mode, "--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, f"not a whole {script} checkpoint (no valid {wrong})")
         assert snapshot(run_dir) == before
+
+
+def test_an_interrupted_eval_only_keeps_the_runs_records_and_bytes_that_are_not_utf8_are_no_record(
+        finished, tmp_path, monkeypatch):
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\x80 not UTF-8\n")
+    before, real = read_metrics(run_dir), dlm100_rnn.evaluate_split
+
+    def interrupted_at_test(model, splits, split, *args):
+        if split == "test":
+            raise KeyboardInterrupt
+        return real(model, splits, split, *args)
+
+    monkeypatch.setattr(dlm100_rnn, "evaluate_split", interrupted_at_test)
+    code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    assert code != 0 and "interrupted" in err
+    assert [r for r in read_metrics(run_dir) if r in before] == before  # the run's records, all still there
+
+
+def test_a_signal_during_the_final_test_stops_at_once(tiny_data, tmp_path, monkeypatch):
+    real = dlm100_rnn.evaluate_split
+
+    def ctrl_c_at_test(model, splits, split, *args):
+        if split == "test":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, splits, split, *args)
+
+    monkeypatch.setattr(dlm100_rnn, "evaluate_split", ctrl_c_at_test)
+    code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--epochs", "1"))
+    assert_one_line_error(code, err, "interrupted: stopped at once, saving nothing more")
+    run_dir = tmp_path / "dlm100_rnn" / "default"
+    assert dlm100_rnn.load_checkpoint(run_dir / "ckpt_best.pt")["step"] == 4
+    assert not [r for r in read_metrics(run_dir) if r["kind"] == "test"]
 
 
 def test_a_failed_write_names_the_file(finished, tmp_path):
@@ -861,7 +899,7 @@ def test_unwritable_out_dir_is_one_line(tiny_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, blocker))
-    assert_one_line_error(code, err, "cannot create the run folder")
+    assert_one_line_error(code, err, "cannot use the run folder")
 
 
 def start_training(script, tiny_data, out_dir, *more):
@@ -2117,7 +2155,10 @@ def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
             compare.compare([a, odd, "--data-dir", str(tiny_data), "--out", str(out)])
     proc = subprocess.run([sys.executable, str(HERE / "compare.py"), a, str(tmp_path / "nothing")],
                           capture_output=True, text=True, cwd=HERE)
-    assert_one_line_error(proc.returncode, proc.stderr, "no args.json")
+    assert_one_line_error(proc.returncode, proc.stderr, "nothing is not a folder")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(compare.UserError, match="nothing has no args.json"):
+        compare.compare([a, str(tmp_path / "nothing"), "--out", str(out)])
 
 
 def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_out(tiny_data, tmp_path):
