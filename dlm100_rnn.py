@@ -404,6 +404,16 @@ def write_file(path, text, mode="w"):
         raise RunError(f"could not write {path}: {e.strerror or e}") from None
 
 
+def save_figure(fig, path):
+    """Write a figure to a PNG and close it; a failed write names the file, as write_file does."""
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise RunError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
 def log(run_dir, text, record=None):
     """Print a line and append it to log.txt, and a record (if any) to metrics.jsonl."""
     print(text, flush=True)
@@ -423,8 +433,7 @@ def plot_curves(run_dir, title):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, run_dir / "curves.png")
 
 
 def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
@@ -471,6 +480,8 @@ def run(argv=None):
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
+    if cfg.resume and 0 < cfg.max_steps < ckpt["step"]:
+        raise RunError(f"--max-steps {cfg.max_steps} is before step {ckpt['step']}, where the run is")
     if cfg.resume and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
                        f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")

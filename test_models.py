@@ -588,6 +588,9 @@ def test_resume_keeps_the_runs_epochs_unless_given_anew(finished, tmp_path):
     code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", finished.tiny_data, out_dir, "--resume",
                                                 "--epochs", "1"))
     assert_one_line_error(code, err, f"--epochs 1 ends before step {4 * saved}", f"--epochs {saved}")
+    code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", finished.tiny_data, out_dir, "--resume",
+                                                "--max-steps", "3"))  # a stop the run is past: refused too
+    assert_one_line_error(code, err, f"--max-steps 3 is before step {4 * saved}, where the run is")
     assert snapshot(run_dir) == before
 
 
@@ -826,6 +829,8 @@ def test_a_failed_write_names_the_file(finished, tmp_path):
     (run_dir / "log.txt").symlink_to("/dev/full")
     code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert_one_line_error(code, err, f"could not write {run_dir / 'log.txt'}: No space left on device")
+    with pytest.raises(dlm100_rnn.RunError, match="could not write .*gone/curves.png: No such file"):
+        dlm100_rnn.save_figure(dlm100_rnn.plt.figure(), tmp_path / "gone" / "curves.png")  # and the others
 
 
 def bad_data(kind, tiny_data, folder):
