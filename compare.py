@@ -439,7 +439,8 @@ def compare(argv=None) -> str:
                              "Multi30k: else the cache)")
     parser.add_argument("--top", type=int, default=5, help="captions listed each way per pair")
     args = parser.parse_args(argv)
-    paths = list(dict.fromkeys([args.baseline] * bool(args.baseline) + args.runs))
+    given = [args.baseline] * bool(args.baseline) + args.runs
+    paths = list(dict.fromkeys(os.path.normpath(p) for p in given))  # (RUN and RUN/ are one folder)
     if len(paths) < 2:
         raise UserError("give at least two different run folders")
     runs = [load_run(p) for p in paths]

@@ -1217,9 +1217,9 @@ def run(argv=None):
     last_step = min(total_steps, cfg.max_steps or total_steps)
     if cfg.resume and 0 < cfg.max_steps < ckpt["step"]:
         raise RunError(f"--max-steps {cfg.max_steps} is before step {ckpt['step']}, where the run is")
-    if cfg.resume and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
-        raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
-                       f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")
+    if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
+        raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is" + (
+            f": give at least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}" if cfg.resume else ""))
     if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
         raise RunError(f"the run is at step {ckpt['step']} and has no ckpt_best.pt to test: --resume with "
                        "more --max-steps or --epochs trains on to a val, which writes it")

@@ -592,6 +592,11 @@ def test_resume_keeps_the_runs_epochs_unless_given_anew(finished, tmp_path):
                                                 "--max-steps", "3"))  # a stop the run is past: refused too
     assert_one_line_error(code, err, f"--max-steps 3 is before step {4 * saved}, where the run is")
     assert snapshot(run_dir) == before
+    state = torch.load(run_dir / "ckpt_best.pt", weights_only=True)  # a step past the run's end, by hand
+    torch.save(dict(state, step=4 * saved + 1), run_dir / "ckpt_best.pt")
+    code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir",
+                                       str(finished.tiny_data)])
+    assert_one_line_error(code, err, f"ends before step {4 * saved + 1}, where the run is")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -2164,6 +2169,8 @@ def test_compare_table_winners_and_refusals(tiny_data, tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(compare.UserError, match="nothing has no args.json"):
         compare.compare([a, str(tmp_path / "nothing"), "--out", str(out)])
+    with pytest.raises(compare.UserError, match="at least two different run folders"):
+        compare.compare([a, a + "/", "--out", str(out)])
 
 
 def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_out(tiny_data, tmp_path):
