@@ -585,7 +585,7 @@ def load_checkpoint(path):
         weights = [t for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point()]
         garbled += [] if all(bool(t.isfinite().all()) for t in weights) else ["model (non-finite weights)"]
         garbled += [] if all(isinstance(v, float) for v in state["train_losses"]) else ["train_losses"]
-        garbled += common.invalid_settings(Config, state["args"])
+        garbled += common.invalid_settings(Config, state["args"])  # kept flags missing, or values -h refuses
     if garbled:
         raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
     return state
@@ -685,24 +685,22 @@ def non_finite(what, step, run_dir):
                     f"{kept}; a new run with a lower --lr may get past it")
 
 
-def write_file(path, text, mode="w"):
-    """Write text to a file (mode "a": append it); a failed write names the file, as a full disk's error
-    does not."""
+def write_file(path, content, mode="w"):
+    """Write text to a file (mode "a": append it; "wb": bytes); a failed write names the file, as a full
+    disk's error does not."""
     try:
         with open(path, mode) as f:
-            f.write(text)
+            f.write(content)
     except OSError as e:
         raise RunError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def save_figure(fig, path):
-    """Write a figure to a PNG and close it; a failed write names the file, as write_file does."""
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise RunError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    """Render a figure to PNG bytes, close it, and write them with write_file."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    write_file(path, png.getvalue(), "wb")
 
 
 def log(run_dir, text, record=None):

@@ -836,6 +836,8 @@ def test_a_failed_write_names_the_file(finished, tmp_path):
     assert_one_line_error(code, err, f"could not write {run_dir / 'log.txt'}: No space left on device")
     with pytest.raises(dlm100_rnn.RunError, match="could not write .*gone/curves.png: No such file"):
         dlm100_rnn.save_figure(dlm100_rnn.plt.figure(), tmp_path / "gone" / "curves.png")  # and the others
+    dlm100_rnn.save_figure(dlm100_rnn.plt.figure(figsize=(2, 1)), tmp_path / "curves.png")
+    assert dlm100_rnn.plt.imread(tmp_path / "curves.png").shape[:2] == (100, 200)  # a PNG, at dpi 100
 
 
 def bad_data(kind, tiny_data, folder):
