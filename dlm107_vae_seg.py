@@ -47,6 +47,9 @@ Results row:  python dlm107_vae_seg.py
 """
 from __future__ import annotations
 
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the modules load ends the process quietly
 import contextlib
 import dataclasses
 import fcntl
@@ -55,12 +58,11 @@ import itertools
 import json
 import math
 import shutil
-import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
-signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads ends the process quietly
 import matplotlib
 import numpy as np
 import torch
@@ -72,6 +74,7 @@ import data
 from common import flag  # flag(default, help, checks): a Config field, one --flag of -h
 
 matplotlib.use("Agg")  # figures are files; no window
+warnings.filterwarnings("ignore", "Glyph .* missing from font")  # (a run name in another script: boxes)
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
@@ -995,7 +998,7 @@ def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
         hint = ("it is not a file" if path.exists()
-                else "it has no best checkpoint yet: --resume continues it"
+                else "none written yet, or deleted: --resume trains on to the next val, which writes it"
                 if (path.parent / "ckpt_last.pt").is_file()
                 else "a run stopped before its first checkpoint? --overwrite starts it afresh"
                 if path.parent.is_dir() else "check --out-dir and --run-name")
@@ -1053,8 +1056,8 @@ def stop_requests():
 
     def request_stop(signum, frame):
         if requests:
-            raise KeyboardInterrupt("interrupted: stopped at once, saving nothing more (the checkpoints are "
-                                    "as last saved)")
+            raise KeyboardInterrupt("interrupted: stopped at once, saving nothing more (a checkpoint is as "
+                                    "last saved)")
         requests.append(signum)
 
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1085,6 +1088,8 @@ def rewrite_metrics(run_dir, records):
     try:
         write_file(tmp, "".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(path)
+    except OSError as e:
+        raise RunError(f"could not write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1093,6 +1098,9 @@ def prepare_run_folder(run_dir, cfg, ckpt):
     """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
     its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
     if ckpt is not None:
+        if not (run_dir / "metrics.jsonl").is_file():
+            log(run_dir, f"note: no metrics.jsonl in {run_dir}: the records up to step {ckpt['step']} are "
+                "lost (curves.png starts after it)")
         return rewrite_metrics(run_dir, [r for r in read_metrics(run_dir)
                                          if r["step"] <= ckpt["step"] and r["kind"] != "test"])
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
@@ -1219,8 +1227,8 @@ def run(argv=None):
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is" + (
             f": give at least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}" if cfg.resume else ""))
     if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
-        raise RunError(f"the run is at step {ckpt['step']} and has no ckpt_best.pt to test: --resume with "
-                       "more --max-steps or --epochs trains on to a val, which writes it")
+        raise RunError(f"the run is at its last step, {ckpt['step']}, and has no ckpt_best.pt to test "
+                       "(deleted?): --resume with more --epochs or --max-steps trains on to a new one")
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, losses = 0, math.inf, []
@@ -1249,12 +1257,16 @@ def run(argv=None):
         with lock_run_folder(run_dir):
             if cfg.sample_only:
                 return write_samples(model, vocab, splits, cfg, device, run_dir, step // steps_per_epoch)
-            rewrite_metrics(run_dir, read_metrics(run_dir))  # (drops a torn last line: the next one is whole)
-            for split in ("val", "test"):
-                evaluate_split(model, splits, split, cfg, device, run_dir, progress())
-            *records, val, test = read_metrics(run_dir)  # once both are written, they replace this step's
-            return rewrite_metrics(run_dir, [r for r in records if r["kind"] == "train" or r["step"] != step]
-                                   + [val, test])
+            records = read_metrics(run_dir)
+            rewrite_metrics(run_dir, records)  # (drops a torn last line: the next one is whole)
+            try:  # the new val and test records replace this step's once both are written, or none does
+                for split in ("val", "test"):
+                    evaluate_split(model, splits, split, cfg, device, run_dir, progress())
+                *_, val, test = read_metrics(run_dir)
+                records = [r for r in records if r["kind"] == "train" or r["step"] != step] + [val, test]
+            finally:
+                rewrite_metrics(run_dir, records)
+            return
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
         args = dataclasses.asdict(cfg)
