@@ -25,6 +25,7 @@ import fcntl
 import io
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -261,18 +262,15 @@ def lr_at(step, total_steps, cfg):
 
 
 def save_checkpoint(state, path):
-    """Serialise in memory, write a temp file, rename it: a crash, a second Ctrl-C or a full disk never
-    leaves a half-written checkpoint, and the previous one stays."""
-    buffer, tmp = io.BytesIO(), path.with_name(path.name + ".tmp")
+    """Serialise in memory, then write_file: a crash, a second Ctrl-C or a full disk never leaves a
+    half-written checkpoint, and the previous one stays."""
+    buffer = io.BytesIO()
     torch.save(state, buffer)
     try:
-        tmp.write_bytes(buffer.getbuffer())
-        tmp.replace(path)
-    except OSError as e:
+        write_file(path, buffer.getbuffer(), "wb")
+    except RunError as e:
         previous = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise RunError(f"could not write {path}: {e.strerror or e}; {previous}") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # (gone after the rename; left by a failed write or a second Ctrl-C)
+        raise RunError(f"{e}; {previous}") from None
 
 
 def load_checkpoint(path):
@@ -363,25 +361,28 @@ def read_metrics(run_dir):
 
 
 def rewrite_metrics(run_dir, records):
-    """metrics.jsonl replaced by these records, atomically: a temp file, renamed (and never left behind)."""
-    path = run_dir / "metrics.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write_file(tmp, "".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
-    except OSError as e:
-        raise RunError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """metrics.jsonl replaced by these records (at once: write_file)."""
+    write_file(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def drop_samples_past(run_dir, step):
+    """samples.txt without the samples of steps past `step`, which a resumed run replays (an epoch's samples
+    are written before its checkpoints, so that a run killed between the two still has them)."""
+    path = run_dir / "samples.txt"
+    if path.is_file():
+        blocks = re.split(r"(?m)^(?=# step \d+ )", path.read_text("utf-8", errors="replace"))
+        starts = [re.match(r"# step (\d+) ", block) for block in blocks]
+        write_file(path, "".join(b for b, start in zip(blocks, starts) if not start or int(start[1]) <= step))
 
 
 def prepare_run_folder(run_dir, cfg, ckpt):
-    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records past
-    its checkpoint, which it is about to replay, and its old test record: it ends with a new one."""
+    """A new run starts in an empty folder (--overwrite empties it). A resumed one drops the records and
+    samples past its checkpoint (it replays those steps) and its old test record (it ends with a new one)."""
     if ckpt is not None:
         if not (run_dir / "metrics.jsonl").is_file():
             log(run_dir, f"note: no metrics.jsonl in {run_dir}: the records up to step {ckpt['step']} are "
                 "lost (curves.png starts after it)")
+        drop_samples_past(run_dir, ckpt["step"])
         return rewrite_metrics(run_dir, [r for r in read_metrics(run_dir)
                                          if r["step"] <= ckpt["step"] and r["kind"] != "test"])
     old = [p for p in run_dir.iterdir() if p.name != ".lock"]
@@ -403,13 +404,19 @@ def non_finite(what, step, run_dir):
 
 
 def write_file(path, content, mode="w"):
-    """Write text to a file (mode "a": append it; "wb": bytes); a failed write names the file, as a full
-    disk's error does not."""
+    """Append text to a file (mode "a"), or write a whole file ("w"; "wb": bytes) to a temp file, then rename
+    it: a crash, a second Ctrl-C or a full disk never leaves half a file. A failed write names the file, as a
+    full disk's error does not."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(path, mode) as f:
+        with open(path if mode == "a" else tmp, mode) as f:
             f.write(content)
+        if mode != "a":
+            tmp.replace(path)
     except OSError as e:
         raise RunError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone after the rename; left by a failed write or a second Ctrl-C)
 
 
 def save_figure(fig, path):
@@ -463,12 +470,13 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     return nlpps
 
 
-def write_samples(model, vocab, cfg, device, run_dir, epoch):
+def write_samples(model, vocab, cfg, device, run_dir, progress):
     """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
+    step, epoch = progress["step"], int(progress["epoch"])
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     ids, _ = sample(model, cfg.show_samples, cfg, device, generator)
     lines = [f"[SAMPLE] {vocab.decode(s)}" for s in ids]
-    write_file(run_dir / "samples.txt", f"# epoch {epoch}, temperature {cfg.temperature}\n"
+    write_file(run_dir / "samples.txt", f"# step {step} (epoch {epoch}), temperature {cfg.temperature}\n"
                + "".join(line + "\n" for line in lines), "a")
     log(run_dir, "\n".join(lines))
 
@@ -521,7 +529,7 @@ def run(argv=None):
     if cfg.sample_only or cfg.eval_only:
         with lock_run_folder(run_dir):
             if cfg.sample_only:
-                return write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
+                return write_samples(model, vocab, cfg, device, run_dir, progress())
             records = read_metrics(run_dir)
             rewrite_metrics(run_dir, records)  # (drops a torn last line: the next one is whole)
             try:  # the new val and test records replace this step's once both are written, or none does
@@ -571,7 +579,7 @@ def run(argv=None):
                 losses, seen, window_t0 = [], 0, now
             if not (stop or step == last_step or step % steps_per_epoch == 0):
                 continue
-            # the end of an epoch (or of the run, or a Ctrl-C): val, checkpoints, samples, curves
+            # the end of an epoch (or of the run, or a Ctrl-C): val, samples, checkpoints, curves
             is_best, epoch_done = False, step % steps_per_epoch == 0
             if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
@@ -581,6 +589,8 @@ def run(argv=None):
                     is_best, best_val = val <= best_val, min(val, best_val)
                 else:  # a --max-steps stop, where a straight run has no val: no candidate for the best,
                     is_best = best_val == math.inf  # but before any epoch's end it stands in as ckpt_best.pt
+            if cfg.show_samples and not stop:  # (before the checkpoints: see drop_samples_past)
+                write_samples(model, vocab, cfg, device, run_dir, progress())
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
@@ -591,8 +601,6 @@ def run(argv=None):
             if stop:
                 raise KeyboardInterrupt(f"interrupted at step {step}: saved {run_dir / 'ckpt_last.pt'}; "
                                         "add --resume to continue from it")
-            if cfg.show_samples:
-                write_samples(model, vocab, cfg, device, run_dir, step // steps_per_epoch)
             plot_curves(run_dir, f"{SCRIPT} ({cfg.run_name})")
             epoch_batches = None
         stop.append("trained")  # from here on a signal stops at once

@@ -507,23 +507,19 @@ def test_checkpoint_is_atomic_and_foreign_or_corrupt_ones_are_refused(script, tm
         module.load_checkpoint(tmp_path / "nowhere" / "missing.pt")
 
 
-def test_a_failed_checkpoint_write_says_why_leaves_no_temp_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_says_why_leaves_no_temp_file_and_keeps_the_old_one(tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (a device whose every write fails as on a full disk)")
     path = tmp_path / "ckpt_last.pt"
     dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, path)
-    real_write = Path.write_bytes
-
-    def disk_full(self, data):
-        real_write(self, bytes(data)[:10])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    for name in ("ckpt_last.pt.tmp", "ckpt_best.pt.tmp"):  # every temp file's write fails as on a full disk
+        (tmp_path / name).symlink_to("/dev/full")
     with pytest.raises(dlm100_rnn.RunError, match="could not write .*ckpt_last.pt: No space left on device; "
                                                   "the previous ckpt_last.pt is kept"):
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 2}, path)
     with pytest.raises(dlm100_rnn.RunError, match="No space left on device; no ckpt_best.pt was written"):
         # the first
         dlm100_rnn.save_checkpoint({"script": "dlm100_rnn", "step": 1}, tmp_path / "ckpt_best.pt")
-    monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_last.pt"]
     assert torch.load(path, weights_only=True)["step"] == 1
 
@@ -1134,22 +1130,25 @@ def test_a_run_killed_between_its_two_checkpoint_writes_resumes_to_the_straight_
     module = MODULES[script]
     call_ok(script, tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", "straight"))
     real_save = module.save_checkpoint
-    for kill_step in (4, 8):
+    for kill_step, writes in ((4, 1), (8, 1), (8, 0)):  # (and before any write: the samples are written)
         def save_then_die(state, path):
+            if state["step"] == kill_step and not writes:
+                raise Killed
             real_save(state, path)
             if state["step"] == kill_step:
                 raise Killed
 
         monkeypatch.setattr(module, "save_checkpoint", save_then_die)
-        run_name = f"killed_at_{kill_step}"
+        run_name = f"killed_at_{kill_step}_after_{writes}"
         with pytest.raises(Killed), contextlib.redirect_stdout(io.StringIO()):
             module.main(tiny_args(script, tiny_data, tmp_path, "--epochs", "2", "--run-name", run_name))
         monkeypatch.undo()
         assert (tmp_path / script / run_name / "ckpt_last.pt").exists() == (kill_step == 8)
         out = call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", run_name, "--resume"))
-        assert f"resumed at step {kill_step} |" in out
-        straight, killed = (read_records(tmp_path / script / name, "test") for name in ("straight", run_name))
-        assert killed == straight
+        assert f"resumed at step {kill_step if writes else 4} |" in out
+        straight, killed = (tmp_path / script / name for name in ("straight", run_name))
+        assert read_records(killed, "test") == read_records(straight, "test")
+        assert (killed / "samples.txt").read_text() == (straight / "samples.txt").read_text()  # each once
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
