@@ -242,8 +242,9 @@ def load_data(cfg, ckpt, run_dir):
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
         changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
                          if sha256.get(name) != ckpt["data_sha256"].get(name))
-        raise RunError(f"{', '.join(changed) or 'the vocabulary'} differs from the data the run in {run_dir} "
-                       "was trained on (SHA-256): pass the --data-dir it used")
+        raise RunError(f"{', '.join(changed)} differs from the data the run in {run_dir} was trained on "
+                       "(SHA-256): pass the --data-dir it used" if changed else "the data files are the run's "
+                       f"(SHA-256), but not the vocabulary of the checkpoint in {run_dir}: was it edited?")
     return vocab, splits, sha256, found
 
 
@@ -292,6 +293,9 @@ def load_checkpoint(path):
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
     if not garbled:  # and the values: a count of steps, finite weights, float losses, valid settings
         garbled += ["step"] if isinstance(state["step"], bool) or state["step"] < 0 else []
+        garbled += [] if all(isinstance(c, str) for c in state["vocab"]) else ["vocab"]
+        sha256s = [str(h) for h in state["data_sha256"].values()]
+        garbled += [] if all(re.fullmatch("[0-9a-f]{64}", h) for h in sha256s) else ["data_sha256"]
         weights = [t for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point()]
         garbled += [] if all(bool(t.isfinite().all()) for t in weights) else ["model (non-finite weights)"]
         garbled += [] if all(isinstance(v, float) for v in state["train_losses"]) else ["train_losses"]
@@ -335,7 +339,7 @@ def stop_requests():
 
     def request_stop(signum, frame):
         if requests:
-            raise KeyboardInterrupt("interrupted: stopped at once, saving nothing more (a checkpoint is as "
+            raise KeyboardInterrupt("interrupted: stopped at once, saving nothing more (the run folder is as "
                                     "last saved)")
         requests.append(signum)
 

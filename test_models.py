@@ -764,6 +764,8 @@ EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand, and w
     ("step", lambda state: state.update(step=True)),
     ("train_seconds", lambda state: state.update(train_seconds="1")),
     ("train_losses", lambda state: state.update(train_losses=["1"])),
+    ("vocab", lambda state: state["vocab"].append(7)),
+    ("data_sha256", lambda state: state["data_sha256"].update({"test.en.gz": "x"})),
     ("model (non-finite weights)", lambda state: state["model"].update(
         {k: v * math.nan for k, v in state["model"].items() if v.is_floating_point()})),
 ]
@@ -1003,6 +1005,11 @@ def test_resume_refuses_other_data_than_the_run_was_trained_on(script, finished,
         code, _, err = call(script, ["--resume", "--out-dir", str(out_dir), "--data-dir", str(REAL_DATA)])
         assert_one_line_error(code, err, "differs from the data")
     assert snapshot(run_dir) == before
+    state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    torch.save(state | {"vocab": state["vocab"][::-1]}, run_dir / "ckpt_last.pt")  # the data, not its vocab
+    code, _, err = call(script, ["--resume", "--out-dir", str(out_dir), "--data-dir", str(tiny_data),
+                                 "--custom-data"])
+    assert_one_line_error(code, err, "the data files are the run's (SHA-256), but not the vocabulary")
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_started_afresh_with_overwrite(tiny_data, tmp_path):
@@ -2218,6 +2225,11 @@ def test_compare_survives_a_torn_record_and_refuses_other_files_and_a_file_as_ou
         with pytest.raises(compare.UserError, match=f"line {n} is not a caption's nats"):
             compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
     (Path(b) / "test_nlpps.txt").write_text("".join(f"{v}\n" for v in [11.0] * n))
+    with open(Path(b) / "metrics.jsonl", "a") as f:  # a test record of another evaluation than the file's
+        f.write("\n" + json.dumps(dict(kind="test", step=2, epoch=20, nlpps=9.5, bpc=1.5, bound="exact")))
+    with pytest.raises(compare.UserError, match="NLPPS 9.5000 is not the mean of test_nlpps.txt, 11.0000"):
+        compare.compare([a, b, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
+    b = fake_run(tmp_path, "dlm100_rnn", "b2", [11.0] * n, custom_data=True, data_sha256={"test": "1"})
     other = fake_run(tmp_path, "dlm100_rnn", "other", [11.0] * n, custom_data=True, data_sha256={"test": "2"})
     with pytest.raises(compare.UserError, match="different data files"):
         compare.compare([a, other, "--data-dir", str(tiny_data), "--out", str(tmp_path / "cmp")])
