@@ -489,7 +489,8 @@ def plot_noise_levels(run_dir, per_step, corruption):
 RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a checkpoint keeps the rest
 # what a checkpoint must hold before a run reads it (the tensors are checked as the model loads them)
 CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict,
-                         optimizer=dict, train_seconds=float, train_cpu_seconds=float, train_losses=list)
+                         optimizer=dict, epoch_rng=torch.Tensor, torch_rng=torch.Tensor, train_seconds=float,
+                         train_cpu_seconds=float, train_losses=list)
 RECORD_FIELDS = dict(kind=str, step=int, epoch=(int, float), nlpps=(int, float))  # of a metrics.jsonl line
 
 
@@ -531,11 +532,14 @@ def load_data(cfg, ckpt, run_dir):
     """The data; a run goes on with the data it was trained on (SHA-256s and vocabulary), or not at all."""
     vocab, splits, sha256, found = data.load(cfg.data_dir or None, cfg.custom_data)
     if ckpt is not None and (ckpt["data_sha256"] != sha256 or ckpt["vocab"] != vocab.itos):
-        changed = sorted(name for name in sha256.keys() | ckpt["data_sha256"].keys()
-                         if sha256.get(name) != ckpt["data_sha256"].get(name))
+        theirs = ckpt["data_sha256"]
+        changed = sorted(name for name in sha256 if sha256[name] != theirs.get(name))
+        if sha256.keys() != theirs.keys():  # another layout: Multi30k against plain text
+            raise RunError(f"the run in {run_dir} was trained on {', '.join(sorted(theirs))}, not on "
+                           f"{', '.join(sorted(sha256))}: pass the --data-dir it used")
         raise RunError(f"{', '.join(changed)} differs from the data the run in {run_dir} was trained on "
-                       "(SHA-256): pass the --data-dir it used" if changed else "the data files are the run's "
-                       f"(SHA-256), but not the vocabulary of the checkpoint in {run_dir}: was it edited?")
+                       "(SHA-256): pass the --data-dir it used" if changed else "the data files are the "
+                       f"run's (SHA-256), but not the vocabulary in its checkpoint in {run_dir}: edited?")
     return vocab, splits, sha256, found
 
 
@@ -571,7 +575,7 @@ def load_checkpoint(path):
         hint = ("it is not a file" if path.exists()
                 else "none written yet, or deleted: --resume trains on to the next val, which writes it"
                 if (path.parent / "ckpt_last.pt").is_file()
-                else "a run stopped before its first checkpoint? --overwrite starts it afresh"
+                else "none yet: the run is before its first, running or stopped; --overwrite starts it afresh"
                 if path.parent.is_dir() else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
@@ -582,14 +586,19 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
-    if not garbled:  # and the values: a count of steps, finite weights, float losses, valid settings
-        garbled += ["step"] if isinstance(state["step"], bool) or state["step"] < 0 else []
-        garbled += [] if all(isinstance(c, str) for c in state["vocab"]) else ["vocab"]
-        sha256s = [str(h) for h in state["data_sha256"].values()]
-        garbled += [] if all(re.fullmatch("[0-9a-f]{64}", h) for h in sha256s) else ["data_sha256"]
+    if not garbled:  # and the values, as a run writes them (best_val inf: no epoch has ended yet)
         weights = [t for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point()]
-        garbled += [] if all(bool(t.isfinite().all()) for t in weights) else ["model (non-finite weights)"]
-        garbled += [] if all(isinstance(v, float) for v in state["train_losses"]) else ["train_losses"]
+        sha256s = state["data_sha256"].values()
+        valid = {"step": type(state["step"]) is int and state["step"] >= 0,
+                 "best_val": -math.inf < state["best_val"] <= math.inf,
+                 "optimizer": state["step"] == 0 or bool(state["optimizer"].get("state")),  # (Adam's moments)
+                 "train_seconds": 0 <= state["train_seconds"] < math.inf,
+                 "train_cpu_seconds": 0 <= state["train_cpu_seconds"] < math.inf,
+                 "train_losses": all(type(v) is float and math.isfinite(v) for v in state["train_losses"]),
+                 "vocab": all(isinstance(c, str) for c in state["vocab"]),
+                 "data_sha256": all(re.fullmatch("[0-9a-f]{64}", str(v)) for v in sha256s),
+                 "model (non-finite weights)": all(bool(t.isfinite().all()) for t in weights)}
+        garbled = [k for k, ok in valid.items() if not ok]
         garbled += common.invalid_settings(Config, state["args"])  # kept flags missing, or values -h refuses
     if garbled:
         raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
@@ -751,6 +760,10 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
     nll, extra = evaluate(model, splits[split], cfg, device, full=split == "test")
     bound = extra.pop("bound")
     nlpps, bpc = common.nlpps_and_bpc(nll, data.num_chars(splits[split]))  # nats a caption, bits a character
+    if not math.isfinite(nlpps):  # (before its record: metrics.jsonl holds numbers only)
+        raise non_finite(f"{split} NLPPS", progress["step"], run_dir)
+    if split == "test":  # in file order, for compare.py; first, so that a test record always has its file
+        write_file(run_dir / "test_nlpps.txt", "".join(f"{v:.4f}\n" for v in nll.tolist()))
     data_label = "custom data" if cfg.custom_data else ""
     scalars = "".join(f" | {k} {v:.4g}" for k, v in extra.items()  # (precision and recall: in the record)
                       if isinstance(v, (int, float)) and not k.endswith(("_precision", "_recall")))
@@ -760,8 +773,7 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
         f"{seconds:.1f} s",
         dict(kind=split, **progress, nlpps=nlpps, bpc=bpc, bound=bound, data=data_label or "multi30k",
              seconds=seconds, **extra))
-    if split == "test":  # in file order: compare.py lines models up caption by caption
-        write_file(run_dir / "test_nlpps.txt", "".join(f"{v:.4f}\n" for v in nll.tolist()))
+    if split == "test":  # (its bound at each noise level)
         plot_noise_levels(run_dir, extra, model.corruption)
     return nlpps
 
@@ -772,7 +784,8 @@ def write_samples(model, vocab, cfg, device, run_dir, progress):
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     ids, _ = sample(model, cfg.show_samples, cfg, device, generator)
     lines = [f"[SAMPLE] {vocab.decode(s)}" for s in ids]
-    write_file(run_dir / "samples.txt", f"# step {step} (epoch {epoch}), temperature {cfg.temperature}\n"
+    header = f"# step {step} (epoch {epoch}{', --sample-only' if cfg.sample_only else ''}), temperature "
+    write_file(run_dir / "samples.txt", f"{header}{cfg.temperature}\n"
                + "".join(line + "\n" for line in lines), "a")
     log(run_dir, "\n".join(lines))
 
@@ -797,8 +810,9 @@ def run(argv=None):
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is" + (
             f": give at least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}" if cfg.resume else ""))
     if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
+        more = f"--max-steps {last_step + 1}" if last_step < total_steps else f"--epochs {cfg.epochs + 1}"
         raise RunError(f"the run is at its last step, {ckpt['step']}, and has no ckpt_best.pt to test "
-                       "(deleted?): --resume with more --epochs or --max-steps trains on to a new one")
+                       f"(deleted?): --resume {more} trains on to a new one")
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, losses = 0, math.inf, []
@@ -807,6 +821,8 @@ def run(argv=None):
         if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
             model.load_state_dict(ckpt["model"])
             step, best_val = ckpt["step"], ckpt["best_val"]
+            if not (run_dir / "ckpt_best.pt").is_file():  # (deleted, or none yet): the next val writes one
+                best_val = math.inf
             train_seconds, train_cpu_seconds = ckpt["train_seconds"], ckpt["train_cpu_seconds"]
             losses = ckpt["train_losses"] if cfg.resume else []  # since the last train record
         if cfg.resume:
@@ -845,6 +861,9 @@ def run(argv=None):
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
         log(run_dir, found["summary"])
+        for k in ("dtype", "compile"):  # run control, but the arithmetic changes with it: say so
+            if ckpt is not None and ckpt["args"].get(k, args[k]) != args[k]:
+                log(run_dir, f"note: {as_flag(k, args[k])}, where the run had {as_flag(k, ckpt['args'][k])}")
         seen, window_t0, epoch_batches = 0, time.time(), None
         while step < last_step:
             if epoch_batches is None:  # an epoch starts (or a resumed one goes on): its order, from `order`
@@ -880,14 +899,12 @@ def run(argv=None):
             is_best, epoch_done = False, step % steps_per_epoch == 0
             if not stop or epoch_done:  # (Ctrl-C mid-epoch saves the step as it is)
                 val = evaluate_split(model, splits, "val", cfg, device, run_dir, progress())
-                if not math.isfinite(val):
-                    raise non_finite("val NLPPS", step, run_dir)
                 if epoch_done:
                     is_best, best_val = val <= best_val, min(val, best_val)
                 else:  # a --max-steps stop, where a straight run has no val: no candidate for the best,
                     is_best = best_val == math.inf  # but before any epoch's end it stands in as ckpt_best.pt
-            if cfg.show_samples and not stop:  # (before the checkpoints: see drop_samples_past)
-                write_samples(model, vocab, cfg, device, run_dir, progress())
+                if cfg.show_samples:  # (before the checkpoints: see drop_samples_past)
+                    write_samples(model, vocab, cfg, device, run_dir, progress())
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
@@ -910,12 +927,14 @@ def run(argv=None):
 def main(argv=None):
     """Bad input of any kind ends in one line on stderr and exit status 1 (a bad flag: 2, as argparse's usage
     errors), never in a traceback."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill (outside training) stops as Ctrl-C does
     try:
         run(argv)
     except (RunError, data.DataError) as e:
         sys.exit(f"{SCRIPT}: error: {e}")
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the message is printed, whatever Ctrl-C follows it
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the message is printed, whatever signal follows it
+            signal.signal(signum, signal.SIG_IGN)
         sys.exit(f"{SCRIPT}: {str(e) or 'interrupted'}")
     except OSError as e:  # a full disk, a read-only folder: say which file
         sys.exit(f"{SCRIPT}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))

@@ -93,11 +93,15 @@ def tiny_args(script, data_dir, out_dir, *more):
 def call(script, args):
     """A script's main(args) in this process, as its user sees it: (exit status, stdout, stderr)."""
     out, err, code = io.StringIO(), io.StringIO(), 0
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             MODULES[script].main(args)
         except SystemExit as e:
             code = e.code
+        finally:  # (main sets them as a process of its own would; this one is the test run's)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
     if isinstance(code, str):  # sys.exit("message"): the interpreter prints it to stderr, status 1
         err.write(code + "\n")
         code = 1
@@ -486,8 +490,8 @@ def test_the_run_is_the_same_text_in_every_script():
 def test_checkpoint_is_atomic_and_foreign_or_corrupt_ones_are_refused(script, tmp_path):
     module, path = MODULES[script], tmp_path / "ckpt.pt"
     whole = dict(script=script, args=dataclasses.asdict(module.Config()), vocab=[], data_sha256={}, step=0,
-                 best_val=math.inf, model={"w": torch.ones(2)}, optimizer={}, train_seconds=0.0,
-                 train_cpu_seconds=0.0, train_losses=[])
+                 best_val=math.inf, model={"w": torch.ones(2)}, optimizer={}, epoch_rng=torch.get_rng_state(),
+                 torch_rng=torch.get_rng_state(), train_seconds=0.0, train_cpu_seconds=0.0, train_losses=[])
     module.save_checkpoint(whole, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert module.load_checkpoint(path)["model"]["w"].sum() == 2
@@ -606,6 +610,9 @@ def test_eval_only_repeats_the_test_number_and_sample_only_prints_samples(script
                            "--data-dir", data_dir])
     assert sum(line.startswith("[") for line in out.splitlines()) >= 3
     assert "<bos>" not in out
+    headers = [line for line in (run_dir / "samples.txt").read_text().splitlines() if line.startswith("# ")]
+    assert headers[-2:] == ["# step 8 (epoch 2), temperature 1.0", "# step 8 (epoch 2, --sample-only), "
+                                                                     "temperature 1.0"]
     evaluations = [(r["kind"], r["step"]) for r in read_metrics(run_dir) if r["kind"] != "train"]
     assert len(evaluations) == len(set(evaluations)) and evaluations[-1][0] == "test"  # replaced, not added
     if "iw_samples" in MODULES[script].RUN_FLAGS:  # an evaluation setting, not the model's
@@ -628,6 +635,7 @@ def test_a_non_finite_val_stops_before_anything_is_saved(tiny_data, tmp_path, mo
     assert_one_line_error(code, err, "non-finite val NLPPS at step 8", "stopped before saving")
     last = dlm100_rnn.load_checkpoint(run_dir / "ckpt_last.pt")
     assert last["step"] == 4 and math.isfinite(last["best_val"])  # the good one: --resume can go on
+    assert all(math.isfinite(r["nlpps"]) for r in read_metrics(run_dir))  # (the NaN: in the log only)
 
 
 def test_a_max_steps_stop_mid_epoch_never_becomes_the_best(tiny_data, tmp_path, monkeypatch):
@@ -672,7 +680,7 @@ def test_run_control_answers_in_one_line(finished, tiny_data, tmp_path, monkeypa
     code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert_one_line_error(code, err, "none written yet, or deleted: --resume trains on to the next val")
     code, _, err = call("dlm100_rnn", ["--resume", "--out-dir", str(out_dir), "--data-dir", data_dir])
-    assert_one_line_error(code, err, "no ckpt_best.pt to test (deleted?)", "more --epochs or --max-steps")
+    assert_one_line_error(code, err, "no ckpt_best.pt to test (deleted?): --resume --epochs 3 trains on")
     (run_dir / "ckpt_best.pt").mkdir()
     code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert_one_line_error(code, err, "ckpt_best.pt (it is not a file)")
@@ -764,6 +772,13 @@ EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand, and w
     ("step", lambda state: state.update(step=True)),
     ("train_seconds", lambda state: state.update(train_seconds="1")),
     ("train_losses", lambda state: state.update(train_losses=["1"])),
+    ("train_losses", lambda state: state.update(train_losses=[math.nan])),
+    ("train_seconds", lambda state: state.update(train_seconds=-5.0)),
+    ("train_cpu_seconds", lambda state: state.update(train_cpu_seconds=math.nan)),
+    ("best_val", lambda state: state.update(best_val=math.nan)),
+    ("best_val", lambda state: state.update(best_val=-math.inf)),
+    ("optimizer", lambda state: state["optimizer"].update(state={})),  # Adam's moments gone, at step 8
+    ("epoch_rng", lambda state: state.pop("epoch_rng")),
     ("vocab", lambda state: state["vocab"].append(7)),
     ("data_sha256", lambda state: state["data_sha256"].update({"test.en.gz": "x"})),
     ("model (non-finite weights)", lambda state: state["model"].update(
@@ -861,6 +876,43 @@ def test_a_run_name_in_another_script_draws_its_curves_without_warnings(tmp_path
                           env=os.environ | {"PYTHONPATH": str(HERE)}, timeout=120)
     assert done.returncode == 0 and "Glyph" not in done.stderr, done.stderr
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_run_whose_ckpt_best_was_deleted_trains_on_to_a_new_one_and_notes_a_changed_dtype(
+        finished, tmp_path):
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    (run_dir / "ckpt_best.pt").unlink()
+    out = call_ok("dlm100_rnn", ["--resume", "--epochs", "3", "--dtype", "bfloat16", "--out-dir",
+                                 str(out_dir), "--data-dir", data_dir])
+    assert "note: --dtype bfloat16, where the run had --dtype float32" in out
+    assert dlm100_rnn.load_checkpoint(run_dir / "ckpt_best.pt")["step"] == 12  # whatever its val
+    assert [r["step"] for r in read_metrics(run_dir) if r["kind"] == "test"] == [12]
+
+
+def test_a_test_record_is_written_after_its_file_and_an_epochs_samples_even_at_a_stop(
+        finished, tiny_data, tmp_path, monkeypatch):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (a device whose every write fails as on a full disk)")
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    (run_dir / "test_nlpps.txt.tmp").symlink_to("/dev/full")
+    code, _, err = call("dlm100_rnn", ["--resume", "--epochs", "3", "--out-dir", str(out_dir),
+                                       "--data-dir", data_dir])
+    assert_one_line_error(code, err, "could not write", "test_nlpps.txt: No space left on device")
+    assert [r["step"] for r in read_metrics(run_dir) if r["kind"] == "test"] == []  # not step 12's
+    real_lr_at = dlm100_rnn.lr_at
+
+    def ctrl_c_in_an_epochs_last_step(step, *args):
+        if step == 3:  # (the 4th step of 4)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(dlm100_rnn, "lr_at", ctrl_c_in_an_epochs_last_step)
+    code, _, err = call("dlm100_rnn", tiny_args("dlm100_rnn", tiny_data, tmp_path, "--run-name", "stopped"))
+    assert_one_line_error(code, err, "interrupted at step 4")
+    samples = (tmp_path / "dlm100_rnn" / "stopped" / "samples.txt").read_text()
+    assert "# step 4 (epoch 1), temperature 1.0" in samples
 
 
 def bad_data(kind, tiny_data, folder):
@@ -1010,6 +1062,11 @@ def test_resume_refuses_other_data_than_the_run_was_trained_on(script, finished,
     code, _, err = call(script, ["--resume", "--out-dir", str(out_dir), "--data-dir", str(tiny_data),
                                  "--custom-data"])
     assert_one_line_error(code, err, "the data files are the run's (SHA-256), but not the vocabulary")
+    (tmp_path / "plain").mkdir()
+    plain = plain_text_folder(tmp_path / "plain", TRAIN, VALID, TEST)
+    code, _, err = call(script, ["--eval-only", "--out-dir", str(out_dir), "--data-dir", str(plain)])
+    assert_one_line_error(code, err, "was trained on test_2016_flickr.en.gz, train.en.gz, val.en.gz, not on "
+                                     "test.txt, train.txt, valid.txt: pass the --data-dir it used")
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_started_afresh_with_overwrite(tiny_data, tmp_path):
@@ -1053,8 +1110,8 @@ def test_a_signal_stops_sample_only_at_once_and_offers_no_resume(finished, tmp_p
         proc.send_signal(signum)
         start = time.time()
         _, err = proc.communicate(timeout=30)
-        assert (time.time() - start < 5 and proc.returncode != 0 and "--resume" not in err
-                and "Traceback" not in err)
+        assert (time.time() - start < 5 and proc.returncode == 1 and "--resume" not in err
+                and "dlm100_rnn: interrupted" in err and "Traceback" not in err), (signum, err)
 
 
 @pytest.mark.parametrize("script, bad", [
