@@ -152,8 +152,9 @@ class Config:
     # part=common.RUN_CONTROL opens -h's last section: how a command runs, which a checkpoint never keeps
     device: str = flag("auto", "where to run: auto is CUDA, else MPS, else CPU",
                        choices=("auto", "cuda", "mps", "cpu"), part=common.RUN_CONTROL)
-    dtype: str = flag("float32", "bfloat16 runs the loss under torch.autocast on any device (on a CPU "
-                      "mostly slower)", choices=("float32", "bfloat16"))
+    dtype: str = flag("float32", "bfloat16 runs the training loss under torch.autocast on any device "
+                      "(evaluation stays float32; on a CPU mostly slower)",
+                      choices=("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the model's loss (its random draws then come from inductor's "
                          "own generator: a model with noise in its loss trains as with another seed)")
     data_dir: str = flag("", "folder with the three Multi30k .gz files, or a corpus of train.txt, valid.txt, "
@@ -965,9 +966,13 @@ def load_data(cfg, ckpt, run_dir):
         if sha256.keys() != theirs.keys():  # another layout: Multi30k against plain text
             raise RunError(f"the run in {run_dir} was trained on {', '.join(sorted(theirs))}, not on "
                            f"{', '.join(sorted(sha256))}: pass the --data-dir it used")
-        raise RunError(f"{', '.join(changed)} differs from the data the run in {run_dir} was trained on "
-                       "(SHA-256): pass the --data-dir it used" if changed else "the data files are the "
-                       f"run's (SHA-256), but not the vocabulary in its checkpoint in {run_dir}: edited?")
+        published = not cfg.custom_data and sha256.keys() <= data.SHA256.keys()  # (checked, as the run's)
+        if not changed or published:
+            what = f"SHA-256 of {', '.join(changed)}" if changed else "vocabulary"
+            raise RunError(f"the data files are the run's, but not the {what} in its checkpoint in "
+                           f"{run_dir}: edited?")
+        raise RunError(f"{', '.join(changed)} differs from the data the run in {run_dir} was trained on (by "
+                       "the SHA-256s its checkpoint records): pass the --data-dir it used")
     return vocab, splits, sha256, found
 
 
@@ -1001,9 +1006,11 @@ def load_checkpoint(path):
     """This script's checkpoint, read with weights_only=True (tensors and plain containers, never code)."""
     if not path.is_file():
         hint = ("it is not a file" if path.exists()
-                else "none written yet, or deleted: --resume trains on to the next val, which writes it"
+                else "none written yet, or deleted: --resume trains on to the next val, which writes it (a "
+                "finished run: with one more --epochs)"
                 if (path.parent / "ckpt_last.pt").is_file()
-                else "none yet: the run is before its first, running or stopped; --overwrite starts it afresh"
+                else "none yet: its run has not reached its first checkpoint, or stopped before it; "
+                "--overwrite starts a stopped one afresh"
                 if path.parent.is_dir() else "check --out-dir and --run-name")
         raise RunError(f"no checkpoint at {path} ({hint})")
     try:
@@ -1023,6 +1030,8 @@ def load_checkpoint(path):
                  "train_seconds": 0 <= state["train_seconds"] < math.inf,
                  "train_cpu_seconds": 0 <= state["train_cpu_seconds"] < math.inf,
                  "train_losses": all(type(v) is float and math.isfinite(v) for v in state["train_losses"]),
+                 "epoch_rng": state["epoch_rng"].dtype == torch.uint8,  # (a generator's state is bytes)
+                 "torch_rng": state["torch_rng"].dtype == torch.uint8,
                  "vocab": all(isinstance(c, str) for c in state["vocab"]),
                  "data_sha256": all(re.fullmatch("[0-9a-f]{64}", str(v)) for v in sha256s),
                  "model (non-finite weights)": all(bool(t.isfinite().all()) for t in weights)}
@@ -1035,9 +1044,14 @@ def load_checkpoint(path):
 
 def resume_point(run_dir):
     """--resume's checkpoint: ckpt_last.pt, or ckpt_best.pt where it is newer (it is written first: a process
-    that died between the two writes left it ahead) or alone (it died before the first ckpt_last.pt)."""
+    that died between the two writes left it ahead) or alone (it died before the first ckpt_last.pt). Unless
+    ckpt_best.pt is ahead, ckpt_last.pt records its val as the best one."""
     saved = [load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
              if (run_dir / name).exists()]
+    last, best = saved if len(saved) == 2 else (None, None)
+    if last and last["step"] >= best["step"] and last["best_val"] != best["best_val"]:
+        raise RunError(f"the checkpoints in {run_dir} disagree about the best val NLPPS: {last['best_val']} "
+                       f"in ckpt_last.pt, {best['best_val']} in ckpt_best.pt (edited?)")
     return max(saved, key=lambda ckpt: ckpt["step"]) if saved else load_checkpoint(run_dir / "ckpt_last.pt")
 
 
@@ -1268,6 +1282,10 @@ def run(argv=None):
             losses = ckpt["train_losses"] if cfg.resume else []  # since the last train record
         if cfg.resume:
             optimizer.load_state_dict(ckpt["optimizer"])
+            moments = [(p, v) for p, kept in optimizer.state.items()
+                       for v in kept.values() if torch.is_tensor(v) and v.dim()]  # (Adam's step count: 0-dim)
+            if not all(v.shape == p.shape and v.isfinite().all() for p, v in moments):  # (torch does not)
+                raise ValueError("optimizer moments of another shape, or not finite")
             order.set_state(ckpt["epoch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:

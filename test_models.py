@@ -779,6 +779,7 @@ EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand, and w
     ("best_val", lambda state: state.update(best_val=-math.inf)),
     ("optimizer", lambda state: state["optimizer"].update(state={})),  # Adam's moments gone, at step 8
     ("epoch_rng", lambda state: state.pop("epoch_rng")),
+    ("torch_rng", lambda state: state.update(torch_rng=state["torch_rng"].float())),
     ("vocab", lambda state: state["vocab"].append(7)),
     ("data_sha256", lambda state: state["data_sha256"].update({"test.en.gz": "x"})),
     ("model (non-finite weights)", lambda state: state["model"].update(
@@ -801,6 +802,40 @@ def test_a_checkpoint_edited_by_hand_is_refused_naming_the_value(script, finishe
             code, _, err = call(script, [mode, "--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, f"not a whole {script} checkpoint (no valid {wrong})")
         assert snapshot(run_dir) == before
+
+
+def test_a_resume_refuses_edited_optimizer_moments_and_checkpoints_that_disagree_on_the_best(finished,
+                                                                                             tmp_path):
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    real = {name: torch.load(run_dir / name, weights_only=True) for name in ("ckpt_last.pt", "ckpt_best.pt")}
+    moment = real["ckpt_last.pt"]["optimizer"]["state"][0]["exp_avg"]
+    for edited, error in ((moment[:1], "optimizer moments of another shape, or not finite"),
+                          (moment * math.nan, "optimizer moments of another shape, or not finite"),
+                          (None, "disagree about the best val NLPPS: 1e-09 in ckpt_last.pt")):
+        state = copy.deepcopy(real["ckpt_last.pt"])
+        if edited is None:
+            state["best_val"] = 1e-9  # (a plausible number, but not the val of ckpt_best.pt)
+        else:
+            state["optimizer"]["state"][0]["exp_avg"] = edited
+        torch.save(state, run_dir / "ckpt_last.pt")
+        before = snapshot(run_dir)
+        code, _, err = call("dlm100_rnn", ["--resume", "--epochs", "3", "--out-dir", str(out_dir),
+                                           "--data-dir", data_dir])
+        assert_one_line_error(code, err, error)
+        assert snapshot(run_dir) == before
+
+
+@pytest.mark.skipif(not HAVE_REAL_DATA, reason="needs the local Multi30k copy")
+def test_a_checkpoint_whose_sha256_is_not_the_published_files_is_blamed_not_the_data(tmp_path):
+    """A run on the published files (no --custom-data) had them checked, as these are: a checkpoint that
+    records another SHA-256 was edited."""
+    cfg = dlm100_rnn.Config(data_dir=str(REAL_DATA))
+    vocab, _, sha256, _ = data.load(str(REAL_DATA))
+    ckpt = dict(data_sha256=sha256 | {"val.en.gz": "0" * 64}, vocab=vocab.itos)
+    with pytest.raises(dlm100_rnn.RunError, match="the data files are the run's, but not the SHA-256 of "
+                                                  "val.en.gz in its checkpoint"):
+        dlm100_rnn.load_data(cfg, ckpt, tmp_path)
 
 
 def test_an_interrupted_eval_only_keeps_the_runs_records_and_bytes_that_are_not_utf8_are_no_record(
@@ -1061,7 +1096,7 @@ def test_resume_refuses_other_data_than_the_run_was_trained_on(script, finished,
     torch.save(state | {"vocab": state["vocab"][::-1]}, run_dir / "ckpt_last.pt")  # the data, not its vocab
     code, _, err = call(script, ["--resume", "--out-dir", str(out_dir), "--data-dir", str(tiny_data),
                                  "--custom-data"])
-    assert_one_line_error(code, err, "the data files are the run's (SHA-256), but not the vocabulary")
+    assert_one_line_error(code, err, "the data files are the run's, but not the vocabulary in its checkpoint")
     (tmp_path / "plain").mkdir()
     plain = plain_text_folder(tmp_path / "plain", TRAIN, VALID, TEST)
     code, _, err = call(script, ["--eval-only", "--out-dir", str(out_dir), "--data-dir", str(plain)])
