@@ -841,10 +841,13 @@ def run(argv=None):
             losses = ckpt["train_losses"] if cfg.resume else []  # since the last train record
         if cfg.resume:
             optimizer.load_state_dict(ckpt["optimizer"])
-            moments = [(p, v) for p, kept in optimizer.state.items()
-                       for v in kept.values() if torch.is_tensor(v) and v.dim()]  # (Adam's step count: 0-dim)
-            if not all(v.shape == p.shape and v.isfinite().all() for p, v in moments):  # (torch does not)
-                raise ValueError("optimizer moments of another shape, or not finite")
+            moments = list(optimizer.state.items())  # per parameter: step count and moments, loaded unchecked
+            same_keys = len({frozenset(entry) for _, entry in moments}) <= 1
+            sound = all(torch.is_tensor(v) and v.shape in (p.shape, ()) and v.isfinite().all()
+                        and not ("sq" in k and (v < 0).any())
+                        for p, entry in moments for k, v in entry.items())
+            if not (same_keys and sound):  # ("sq": second moments, exp_avg_sq or square_avg, are never < 0)
+                raise ValueError("optimizer state of another shape, not finite, negative or incomplete")
             order.set_state(ckpt["epoch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:

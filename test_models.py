@@ -810,14 +810,20 @@ def test_a_resume_refuses_edited_optimizer_moments_and_checkpoints_that_disagree
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
     real = {name: torch.load(run_dir / name, weights_only=True) for name in ("ckpt_last.pt", "ckpt_best.pt")}
     moment = real["ckpt_last.pt"]["optimizer"]["state"][0]["exp_avg"]
-    for edited, error in ((moment[:1], "optimizer moments of another shape, or not finite"),
-                          (moment * math.nan, "optimizer moments of another shape, or not finite"),
-                          (None, "disagree about the best val NLPPS: 1e-09 in ckpt_last.pt")):
+    bad_state = "optimizer state of another shape, not finite, negative or incomplete"
+    for key, edited, error in (("exp_avg", moment[:1], bad_state),
+                               ("exp_avg", moment * math.nan, bad_state),
+                               ("exp_avg_sq", -moment.abs() - 1, bad_state),
+                               ("step", torch.tensor(math.nan), bad_state),
+                               ("step", None, "does not fit this model ('step')"),  # (torch's own check)
+                               ("best_val", 1e-9, "disagree about the best val NLPPS: 1e-09 in ckpt_last")):
         state = copy.deepcopy(real["ckpt_last.pt"])
-        if edited is None:
-            state["best_val"] = 1e-9  # (a plausible number, but not the val of ckpt_best.pt)
+        if key == "best_val":
+            state["best_val"] = edited  # (a plausible number, but not the val of ckpt_best.pt)
+        elif edited is None:
+            del state["optimizer"]["state"][0][key]
         else:
-            state["optimizer"]["state"][0]["exp_avg"] = edited
+            state["optimizer"]["state"][0][key] = edited
         torch.save(state, run_dir / "ckpt_last.pt")
         before = snapshot(run_dir)
         code, _, err = call("dlm100_rnn", ["--resume", "--epochs", "3", "--out-dir", str(out_dir),
