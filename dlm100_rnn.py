@@ -548,11 +548,12 @@ def run(argv=None):
         if cfg.resume:
             optimizer.load_state_dict(ckpt["optimizer"])
             moments = list(optimizer.state.items())  # per parameter: step count and moments, loaded unchecked
-            same_keys = len({frozenset(entry) for _, entry in moments}) <= 1
+            complete = len(moments) == len(list(model.parameters()))  # (every parameter trains every step)
+            complete &= len({frozenset(entry) for _, entry in moments}) == 1  # (and keeps the same entries)
             sound = all(torch.is_tensor(v) and v.shape in (p.shape, ()) and v.isfinite().all()
                         and not ("sq" in k and (v < 0).any())
                         for p, entry in moments for k, v in entry.items())
-            if not (same_keys and sound):  # ("sq": second moments, exp_avg_sq or square_avg, are never < 0)
+            if not (complete and sound):  # ("sq": second moments, exp_avg_sq or square_avg, are never < 0)
                 raise ValueError("optimizer state of another shape, not finite, negative or incomplete")
             order.set_state(ckpt["epoch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])

@@ -815,11 +815,14 @@ def test_a_resume_refuses_edited_optimizer_moments_and_checkpoints_that_disagree
                                ("exp_avg", moment * math.nan, bad_state),
                                ("exp_avg_sq", -moment.abs() - 1, bad_state),
                                ("step", torch.tensor(math.nan), bad_state),
+                               ("entry", None, bad_state),  # a parameter's whole entry: trained on afresh
                                ("step", None, "does not fit this model ('step')"),  # (torch's own check)
                                ("best_val", 1e-9, "disagree about the best val NLPPS: 1e-09 in ckpt_last")):
         state = copy.deepcopy(real["ckpt_last.pt"])
         if key == "best_val":
             state["best_val"] = edited  # (a plausible number, but not the val of ckpt_best.pt)
+        elif key == "entry":
+            del state["optimizer"]["state"][1]
         elif edited is None:
             del state["optimizer"]["state"][0][key]
         else:
