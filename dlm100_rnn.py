@@ -223,6 +223,9 @@ def open_run(argv):
         raise RunError("use only one of " + ", ".join(modes))
     if cfg.sample_only and not cfg.show_samples:
         raise RunError("--sample-only with --show-samples 0 would print nothing")
+    if (cfg.eval_only or cfg.sample_only) and (cfg.dtype != "float32" or cfg.compile):
+        raise RunError("--dtype and --compile change training only: evaluation and sampling run in float32, "
+                       "uncompiled")
     run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
     if not (cfg.resume or cfg.eval_only or cfg.sample_only):
         return cfg, None, run_dir

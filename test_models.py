@@ -676,6 +676,9 @@ def test_run_control_answers_in_one_line(finished, tiny_data, tmp_path, monkeypa
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
     code, _, err = call("dlm100_rnn", ["--sample-only", "--show-samples", "0", "--out-dir", str(out_dir)])
     assert_one_line_error(code, err, "would print nothing")
+    for mode in ("--eval-only", "--sample-only"):
+        code, _, err = call("dlm100_rnn", [mode, "--dtype", "bfloat16", "--out-dir", str(out_dir)])
+        assert_one_line_error(code, err, "--dtype and --compile change training only")
     (run_dir / "ckpt_best.pt").unlink()  # a run stopped before its first val: --resume, not --overwrite
     code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert_one_line_error(code, err, "none written yet, or deleted: --resume trains on to the next val")
