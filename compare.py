@@ -156,13 +156,14 @@ def load_run(path: Path) -> Run:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path / 'args.json'} is not valid JSON") from None
     nlpps = read_nlpps(path / "test_nlpps.txt")
-    recorded = [r for r in metrics if r["kind"] == "test"][-1]["nlpps"]
-    if not math.isclose(nlpps.mean().item(), recorded, rel_tol=1e-5, abs_tol=1e-3):  # (4 decimals)
-        raise UserError(f"{path}: the test record's NLPPS {recorded:.4f} is not the mean of test_nlpps.txt, "
-                        f"{nlpps.mean().item():.4f}: two evaluations; --eval-only redoes both")
     # buffers are not parameters
     params = ckpt.get("n_params") or sum(v.numel() for v in ckpt["model"].values())
-    return Run(path, f"{script}/{path.name}", script, args, metrics, nlpps, ckpt["vocab"], params)
+    run = Run(path, f"{script}/{path.name}", script, args, metrics, nlpps, ckpt["vocab"], params)
+    recorded, mean = run.test["nlpps"], nlpps.mean().item()
+    if not math.isclose(mean, recorded, rel_tol=1e-5, abs_tol=1e-3):  # (test_nlpps.txt: 4 decimals)
+        raise UserError(f"{path}: the test record's NLPPS {recorded:.4f} is not the mean of test_nlpps.txt, "
+                        f"{mean:.4f}: two evaluations; --eval-only redoes both")
+    return run
 
 
 PLAIN_TEXT_NAMES = {name + gz for name in data.PLAIN_TEXT.values() for gz in ("", ".gz")}

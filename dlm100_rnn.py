@@ -310,7 +310,6 @@ def load_checkpoint(path):
         sha256s = state["data_sha256"].values()
         valid = {"step": type(state["step"]) is int and state["step"] >= 0,
                  "best_val": -math.inf < state["best_val"] <= math.inf,
-                 "optimizer": state["step"] == 0 or bool(state["optimizer"].get("state")),  # (Adam's moments)
                  "train_seconds": 0 <= state["train_seconds"] < math.inf,
                  "train_cpu_seconds": 0 <= state["train_cpu_seconds"] < math.inf,
                  "train_losses": all(type(v) is float and math.isfinite(v) for v in state["train_losses"]),
@@ -532,7 +531,8 @@ def run(argv=None):
     if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
         raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is" + (
             f": give at least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}" if cfg.resume else ""))
-    if cfg.resume and ckpt["step"] >= last_step and not (run_dir / "ckpt_best.pt").is_file():
+    has_best = (run_dir / "ckpt_best.pt").is_file()  # (missing on --resume: deleted, or no epoch ended yet)
+    if cfg.resume and ckpt["step"] >= last_step and not has_best:
         more = f"--max-steps {last_step + 1}" if last_step < total_steps else f"--epochs {cfg.epochs + 1}"
         raise RunError(f"the run is at its last step, {ckpt['step']}, and has no ckpt_best.pt to test "
                        f"(deleted?): --resume {more} trains on to a new one")
@@ -544,7 +544,7 @@ def run(argv=None):
         if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
             model.load_state_dict(ckpt["model"])
             step, best_val = ckpt["step"], ckpt["best_val"]
-            if not (run_dir / "ckpt_best.pt").is_file():  # (deleted, or none yet): the next val writes one
+            if not has_best:  # the next val writes one
                 best_val = math.inf
             train_seconds, train_cpu_seconds = ckpt["train_seconds"], ckpt["train_cpu_seconds"]
             losses = ckpt["train_losses"] if cfg.resume else []  # since the last train record

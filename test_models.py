@@ -780,7 +780,6 @@ EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand, and w
     ("train_cpu_seconds", lambda state: state.update(train_cpu_seconds=math.nan)),
     ("best_val", lambda state: state.update(best_val=math.nan)),
     ("best_val", lambda state: state.update(best_val=-math.inf)),
-    ("optimizer", lambda state: state["optimizer"].update(state={})),  # Adam's moments gone, at step 8
     ("epoch_rng", lambda state: state.pop("epoch_rng")),
     ("torch_rng", lambda state: state.update(torch_rng=state["torch_rng"].float())),
     ("vocab", lambda state: state["vocab"].append(7)),
@@ -819,6 +818,7 @@ def test_a_resume_refuses_edited_optimizer_moments_and_checkpoints_that_disagree
                                ("exp_avg_sq", -moment.abs() - 1, bad_state),
                                ("step", torch.tensor(math.nan), bad_state),
                                ("entry", None, bad_state),  # a parameter's whole entry: trained on afresh
+                               ("all", None, bad_state),  # every entry: Adam's moments gone, at step 8
                                ("step", None, "does not fit this model ('step')"),  # (torch's own check)
                                ("best_val", 1e-9, "disagree about the best val NLPPS: 1e-09 in ckpt_last")):
         state = copy.deepcopy(real["ckpt_last.pt"])
@@ -826,6 +826,8 @@ def test_a_resume_refuses_edited_optimizer_moments_and_checkpoints_that_disagree
             state["best_val"] = edited  # (a plausible number, but not the val of ckpt_best.pt)
         elif key == "entry":
             del state["optimizer"]["state"][1]
+        elif key == "all":
+            state["optimizer"]["state"] = {}
         elif edited is None:
             del state["optimizer"]["state"][0][key]
         else:
