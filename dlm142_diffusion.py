@@ -543,8 +543,8 @@ def load_data(cfg, ckpt, run_dir):
             raise RunError(f"the run in {run_dir} was trained on {', '.join(sorted(theirs))}, not on "
                            f"{', '.join(sorted(sha256))}: pass the --data-dir it used")
         if not changed:  # (a checkpoint is as it was written: see content_sha256)
-            raise RunError(f"the data files are the run's, but data.py builds another vocabulary from them than "
-                           f"the one in {run_dir}'s checkpoint: another version of data.py?")
+            raise RunError(f"the data files are the run's, but data.py builds another vocabulary from them "
+                           f"than the one in {run_dir}'s checkpoint: another version of data.py?")
         raise RunError(f"{', '.join(changed)} differs from the data the run in {run_dir} was trained on (by "
                        "the SHA-256s its checkpoint records): pass the --data-dir it used")
     return vocab, splits, sha256, found
@@ -565,9 +565,9 @@ def lr_at(step, total_steps, cfg):
 
 
 def content_sha256(state):
-    """The SHA-256 of a checkpoint's content: its tensors' dtypes, shapes and bytes and its other values' reprs,
-    in order. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited by hand (or
-    damaged) is refused, never trusted with a value no run wrote."""
+    """The SHA-256 of a checkpoint's content: its tensors' dtypes, shapes and bytes and its other values'
+    reprs, in order. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited by hand
+    (or damaged) is refused, never trusted with a value no run wrote."""
     digest = hashlib.sha256()
 
     def feed(value):

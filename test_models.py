@@ -818,7 +818,8 @@ def test_a_checkpoint_edited_by_hand_is_refused(script, finished, tmp_path):
             code, _, err = call(script, [mode, "--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, *(
                 ["not a whole", "(no valid content_sha256)"] if "content_sha256" not in state else
-                ["ckpt_", f"is not as {script} wrote it (its content does not match the SHA-256 it records)"]))
+                ["ckpt_", f"is not as {script} wrote it (its content does not match the SHA-256 it "
+                          "records)"]))
         assert snapshot(run_dir) == before
 
 
