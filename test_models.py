@@ -476,6 +476,12 @@ def test_data_and_common_import_no_project_file_and_scripts_only_them():
         assert local_imports(HERE / f"{script}.py") == {"common", "data"}, script
 
 
+def test_every_line_of_the_code_fits_in_110_characters():
+    long = [f"{path.name}:{n}" for path in sorted(HERE.glob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 110]
+    assert not long, f"lines over 110 characters: {', '.join(long)}"
+
+
 def test_the_run_is_the_same_text_in_every_script():
     """Below the run marker every script keeps dlm100_rnn.py's lines word for word, in order; a model may add
     lines (its extra figure, its evaluation's arguments) and change up to ten: a diff shows only those."""
