@@ -1275,9 +1275,9 @@ def run(argv=None):
     last_step = min(total_steps, cfg.max_steps or total_steps)
     if cfg.resume and 0 < cfg.max_steps < ckpt["step"]:
         raise RunError(f"--max-steps {cfg.max_steps} is before step {ckpt['step']}, where the run is")
-    if ckpt is not None and ckpt["step"] > total_steps:  # (only --resume may change --epochs)
-        raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is" + (
-            f": give at least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}" if cfg.resume else ""))
+    if cfg.resume and ckpt["step"] > total_steps:  # (fewer --epochs than the run has trained)
+        raise RunError(f"--epochs {cfg.epochs} ends before step {ckpt['step']}, where the run is: give at "
+                       f"least --epochs {math.ceil(ckpt['step'] / steps_per_epoch)}")
     has_best = (run_dir / "ckpt_best.pt").is_file()  # (missing on --resume: deleted, or no epoch ended yet)
     if cfg.resume and ckpt["step"] >= last_step and not has_best:
         more = f"--max-steps {last_step + 1}" if last_step < total_steps else f"--epochs {cfg.epochs + 1}"
