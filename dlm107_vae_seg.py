@@ -165,7 +165,7 @@ class Config:
     overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")
     resume: bool = flag(False, "continue from the run folder's ckpt_last.pt, with its settings")
     eval_only: bool = flag(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop")
-    sample_only: bool = flag(False, "print samples from the run folder's ckpt_best.pt, then stop")
+    sample_only: bool = flag(False, "print samples of the run's ckpt_best.pt and stop; writes nothing")
     show_samples: int = flag(8, "samples printed and saved at each evaluation", low=0)
     temperature: float = flag(1.0, "sampling temperature", low=0.01)
     log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
@@ -849,8 +849,8 @@ def with_cuts(vocab, ids, cuts):
 
 @torch.no_grad()
 def show_segments(model, vocab, shown, run_dir):
-    """Lines of captions cut by Viterbi (and by q's likelier decisions), and segments.png: the posterior
-    probability of a cut after each of their characters."""
+    """Lines of captions cut by Viterbi (and by q's likelier decisions), and segments.png in run_dir (if not
+    None): the posterior probability of a cut after each of their characters."""
     model.eval()
     _, (scores, ends, _, n) = model.log_prob(shown)
     best = viterbi_segmentation(ends, n)[1]
@@ -859,7 +859,8 @@ def show_segments(model, vocab, shown, run_dir):
         q_cuts = model.draw_cuts(shown, 1, greedy=True)[0][0]  # q's likelier decision at each character
         lines += [f"[SEGMENT q] {with_cuts(vocab, ids, cuts)}" for ids, cuts in zip(shown, q_cuts)]
     model.train()
-    plot_segments(vocab, shown, cut_probabilities(scores, n), best, run_dir)
+    if run_dir is not None:
+        plot_segments(vocab, shown, cut_probabilities(scores, n), best, run_dir)
     return lines
 
 
@@ -993,16 +994,15 @@ def lr_at(step, total_steps, cfg):
 
 
 def content_sha256(state):
-    """The SHA-256 of a checkpoint's content: its tensors' dtypes, shapes and bytes and its other values'
-    reprs, in order. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited by hand
-    (or damaged) is refused, never trusted with a value no run wrote."""
+    """The SHA-256 of a checkpoint's content but itself: its tensors' dtypes, shapes and bytes, and its other
+    values' reprs, in order. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited
+    by hand (or damaged) is refused, never trusted with a value no run wrote."""
     digest = hashlib.sha256()
 
     def feed(value):
-        if isinstance(value, dict):
-            digest.update(f"dict of {len(value)}\n".encode())
-            for key, item in value.items():
-                digest.update(f"{key!r}\n".encode())
+        if isinstance(value, dict):  # its keys, then their values
+            digest.update(f"dict {list(value)!r}\n".encode())
+            for item in value.values():
                 feed(item)
         elif torch.is_tensor(value):
             digest.update(f"{value.dtype} {tuple(value.shape)}\n".encode())
@@ -1010,7 +1010,7 @@ def content_sha256(state):
         else:  # numbers, strings, and lists of them (a float's repr is exact)
             digest.update(f"{value!r}\n".encode())
 
-    feed(state)
+    feed({k: v for k, v in state.items() if k != "content_sha256"})
     return digest.hexdigest()
 
 
@@ -1044,8 +1044,7 @@ def load_checkpoint(path):
                        "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
-    content = {k: v for k, v in state.items() if k != "content_sha256"}
-    if "content_sha256" in state and state["content_sha256"] != content_sha256(content):
+    if "content_sha256" in state and state["content_sha256"] != content_sha256(state):
         raise RunError(f"{path} is not as {SCRIPT} wrote it (its content does not match the SHA-256 it "
                        "records): edited or damaged?")
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
@@ -1243,17 +1242,20 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
 
 
 def write_samples(model, vocab, splits, cfg, device, run_dir, progress):
-    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
+    """Samples, printed and appended to samples.txt (--sample-only: printed only). Their own generator:
+    sampling never shifts training."""
     # samples show their pieces; the first test captions are cut by Viterbi (and by q), and segments.png
     # shows the posterior probability of a cut after each of their characters
     step, epoch = progress["step"], int(progress["epoch"])
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     ids, extra = sample(model, cfg.show_samples, cfg, device, generator)
     lines = [f"[SAMPLE] {with_cuts(vocab, s, cuts)}" for s, cuts in zip(ids, extra["cuts"])]
-    lines += show_segments(model, vocab, splits["test"][:SHOWN].to(device), run_dir)
-    header = f"# step {step} (epoch {epoch}{', --sample-only' if cfg.sample_only else ''}), temperature "
-    write_file(run_dir / "samples.txt", f"{header}{cfg.temperature}\n"
-               + "".join(line + "\n" for line in lines), "a")
+    figures = None if cfg.sample_only else run_dir  # (--sample-only writes nothing)
+    lines += show_segments(model, vocab, splits["test"][:SHOWN].to(device), figures)
+    if cfg.sample_only:  # (printed only: the run folder stays as the run left it)
+        return print("\n".join(lines), flush=True)
+    header = f"# step {step} (epoch {epoch}), temperature {cfg.temperature}\n"
+    write_file(run_dir / "samples.txt", header + "".join(line + "\n" for line in lines), "a")
     log(run_dir, "\n".join(lines))
 
 
@@ -1309,10 +1311,10 @@ def run(argv=None):
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds,
                     train_cpu_seconds=train_cpu_seconds)
 
-    if cfg.sample_only or cfg.eval_only:
+    if cfg.sample_only:  # it prints only: no lock, no file written (beside a training run too, or read-only)
+        return write_samples(model, vocab, splits, cfg, device, run_dir, progress())
+    if cfg.eval_only:
         with lock_run_folder(run_dir):
-            if cfg.sample_only:
-                return write_samples(model, vocab, splits, cfg, device, run_dir, progress())
             records = read_metrics(run_dir)
             rewrite_metrics(run_dir, records)  # (drops a torn last line: the next one is whole)
             try:  # the new val and test records replace this step's once both are written, or none does

@@ -104,7 +104,7 @@ class Config:
     overwrite: bool = flag(False, "start afresh in a run folder that already holds a run (deletes it)")
     resume: bool = flag(False, "continue from the run folder's ckpt_last.pt, with its settings")
     eval_only: bool = flag(False, "evaluate the run folder's ckpt_best.pt on val and test, then stop")
-    sample_only: bool = flag(False, "print samples from the run folder's ckpt_best.pt, then stop")
+    sample_only: bool = flag(False, "print samples of the run's ckpt_best.pt and stop; writes nothing")
     show_samples: int = flag(8, "samples printed and saved at each evaluation", low=0)
     temperature: float = flag(1.0, "sampling temperature", low=0.01)
     log_every: int = flag(50, "steps between train log lines (the first step is always logged)", low=1)
@@ -396,16 +396,15 @@ def lr_at(step, total_steps, cfg):
 
 
 def content_sha256(state):
-    """The SHA-256 of a checkpoint's content: its tensors' dtypes, shapes and bytes and its other values'
-    reprs, in order. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited by hand
-    (or damaged) is refused, never trusted with a value no run wrote."""
+    """The SHA-256 of a checkpoint's content but itself: its tensors' dtypes, shapes and bytes, and its other
+    values' reprs, in order. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited
+    by hand (or damaged) is refused, never trusted with a value no run wrote."""
     digest = hashlib.sha256()
 
     def feed(value):
-        if isinstance(value, dict):
-            digest.update(f"dict of {len(value)}\n".encode())
-            for key, item in value.items():
-                digest.update(f"{key!r}\n".encode())
+        if isinstance(value, dict):  # its keys, then their values
+            digest.update(f"dict {list(value)!r}\n".encode())
+            for item in value.values():
                 feed(item)
         elif torch.is_tensor(value):
             digest.update(f"{value.dtype} {tuple(value.shape)}\n".encode())
@@ -413,7 +412,7 @@ def content_sha256(state):
         else:  # numbers, strings, and lists of them (a float's repr is exact)
             digest.update(f"{value!r}\n".encode())
 
-    feed(state)
+    feed({k: v for k, v in state.items() if k != "content_sha256"})
     return digest.hexdigest()
 
 
@@ -447,8 +446,7 @@ def load_checkpoint(path):
                        "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
-    content = {k: v for k, v in state.items() if k != "content_sha256"}
-    if "content_sha256" in state and state["content_sha256"] != content_sha256(content):
+    if "content_sha256" in state and state["content_sha256"] != content_sha256(state):
         raise RunError(f"{path} is not as {SCRIPT} wrote it (its content does not match the SHA-256 it "
                        "records): edited or damaged?")
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
@@ -639,7 +637,8 @@ def evaluate_split(model, splits, split, cfg, device, run_dir, progress):
 
 
 def write_samples(model, vocab, splits, cfg, device, run_dir, progress):
-    """Samples, printed and appended to samples.txt. Their own generator: sampling never shifts training."""
+    """Samples, printed and appended to samples.txt (--sample-only: printed only). Their own generator:
+    sampling never shifts training."""
     # and two val captions with their reconstructions, and latents.png
     step, epoch = progress["step"], int(progress["epoch"])
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
@@ -649,10 +648,11 @@ def write_samples(model, vocab, splits, cfg, device, run_dir, progress):
     recons = reconstruct(model, targets.to(device))
     lines = [f"[{tag}] {vocab.decode(ids)}" for ids, rec in zip(targets, recons)
              for tag, ids in (("TARGET", ids), ("RECONS", rec))] + lines
+    if cfg.sample_only:  # (printed only: the run folder stays as the run left it)
+        return print("\n".join(lines), flush=True)
     plot_latents(run_dir, model, splits["val"], vocab, f"{SCRIPT}: epoch {epoch}")
-    header = f"# step {step} (epoch {epoch}{', --sample-only' if cfg.sample_only else ''}), temperature "
-    write_file(run_dir / "samples.txt", f"{header}{cfg.temperature}\n"
-               + "".join(line + "\n" for line in lines), "a")
+    header = f"# step {step} (epoch {epoch}), temperature {cfg.temperature}\n"
+    write_file(run_dir / "samples.txt", header + "".join(line + "\n" for line in lines), "a")
     log(run_dir, "\n".join(lines))
 
 
@@ -705,10 +705,10 @@ def run(argv=None):
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds,
                     train_cpu_seconds=train_cpu_seconds)
 
-    if cfg.sample_only or cfg.eval_only:
+    if cfg.sample_only:  # it prints only: no lock, no file written (beside a training run too, or read-only)
+        return write_samples(model, vocab, splits, cfg, device, run_dir, progress())
+    if cfg.eval_only:
         with lock_run_folder(run_dir):
-            if cfg.sample_only:
-                return write_samples(model, vocab, splits, cfg, device, run_dir, progress())
             records = read_metrics(run_dir)
             rewrite_metrics(run_dir, records)  # (drops a torn last line: the next one is whole)
             try:  # the new val and test records replace this step's once both are written, or none does

@@ -161,11 +161,6 @@ def copy_run(finished_dir, tmp_path):
     return tmp_path / "out", target
 
 
-def rewrite_checkpoint(script, path, state):
-    """A checkpoint with other values, as a run would have written it (its content_sha256 recomputed)."""
-    MODULES[script].save_checkpoint({k: v for k, v in state.items() if k != "content_sha256"}, path)
-
-
 
 # ============================================================================= data.py
 def test_vocab_is_built_from_train_only_and_unseen_chars_are_unk(tiny_data):
@@ -567,7 +562,7 @@ def test_resumed_run_equals_a_straight_one_and_records_no_step_twice(script, tin
         f.write('\n{"kind": "val", "step": "a", "epoch": 1, "nlpps": 1}\n')  # and a hand-edited line: dropped
     last = tmp_path / script / "split" / "ckpt_last.pt"  # its clocks, as if the first 6 steps took 1000 s
     clocks = dict(train_seconds=1000.0, train_cpu_seconds=900.0)
-    rewrite_checkpoint(script, last, torch.load(last, weights_only=True) | clocks)
+    MODULES[script].save_checkpoint(torch.load(last, weights_only=True) | clocks, last)
     out = call_ok(script, tiny_args(script, tiny_data, tmp_path, "--run-name", "split", "--resume"))
     assert "resumed at step 6 | 3 epochs |" in out
     straight, split = tmp_path / script / "straight", tmp_path / script / "split"
@@ -615,13 +610,12 @@ def test_eval_only_repeats_the_test_number_and_sample_only_prints_samples(script
     test_line = [l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("eval test")][-1]
     out = call_ok(script, TINY[script] + ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     assert test_line.split("| nlpps")[1].rsplit("|", 1)[0] in out  # same number: same checkpoint, same noise
+    before = snapshot(run_dir)
     out = call_ok(script, ["--sample-only", "--show-samples", "3", "--out-dir", str(out_dir),
                            "--data-dir", data_dir])
-    assert sum(line.startswith("[") for line in out.splitlines()) >= 3
+    assert sum(line.startswith("[SAMPLE]") for line in out.splitlines()) == 3
     assert "<bos>" not in out
-    headers = [line for line in (run_dir / "samples.txt").read_text().splitlines() if line.startswith("# ")]
-    assert headers[-2:] == ["# step 8 (epoch 2), temperature 1.0", "# step 8 (epoch 2, --sample-only), "
-                                                                     "temperature 1.0"]
+    assert snapshot(run_dir) == before  # printed only: no samples.txt block, no figure, no log line
     evaluations = [(r["kind"], r["step"]) for r in read_metrics(run_dir) if r["kind"] != "train"]
     assert len(evaluations) == len(set(evaluations)) and evaluations[-1][0] == "test"  # replaced, not added
     if "iw_samples" in MODULES[script].RUN_FLAGS:  # an evaluation setting, not the model's
@@ -829,7 +823,7 @@ def test_a_resume_refuses_checkpoints_that_disagree_on_the_best(finished, tmp_pa
     out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
     data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
     state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
-    rewrite_checkpoint("dlm100_rnn", run_dir / "ckpt_last.pt", state | {"best_val": 1e-9})
+    dlm100_rnn.save_checkpoint(state | {"best_val": 1e-9}, run_dir / "ckpt_last.pt")  # (its own SHA-256)
     before = snapshot(run_dir)
     code, _, err = call("dlm100_rnn", ["--resume", "--epochs", "3", "--out-dir", str(out_dir),
                                        "--data-dir", data_dir])
@@ -1062,11 +1056,13 @@ def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(script, fini
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(run_dir)
-        for args in (["--sample-only", "--out-dir", str(out_dir), "--data-dir", data_dir],
-                     tiny_args(script, tiny_data, out_dir, "--resume"),
-                     tiny_args(script, tiny_data, out_dir, "--overwrite", "--max-steps", "1")):
+        for args in (tiny_args(script, tiny_data, out_dir, "--resume"),
+                     tiny_args(script, tiny_data, out_dir, "--overwrite", "--max-steps", "1"),
+                     ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir]):
             code, _, err = call(script, args)
             assert_one_line_error(code, err, "in use by another process")
+        out = call_ok(script, ["--sample-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+        assert "[SAMPLE]" in out  # it writes nothing: it may run beside the process that holds the folder
         assert snapshot(run_dir) == before
     finally:
         holder.kill()
@@ -1092,7 +1088,7 @@ def test_resume_refuses_other_data_than_the_run_was_trained_on(script, finished,
         assert_one_line_error(code, err, "differs from the data")
     assert snapshot(run_dir) == before
     state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
-    rewrite_checkpoint(script, run_dir / "ckpt_last.pt", state | {"vocab": state["vocab"][::-1]})
+    MODULES[script].save_checkpoint(state | {"vocab": state["vocab"][::-1]}, run_dir / "ckpt_last.pt")
     code, _, err = call(script, ["--resume", "--out-dir", str(out_dir), "--data-dir", str(tiny_data),
                                  "--custom-data"])  # the run's data, but not the vocabulary data.py builds
     assert_one_line_error(code, err, "the data files are the run's, but data.py builds another vocabulary")
