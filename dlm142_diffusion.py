@@ -45,6 +45,7 @@ import io
 import json
 import math
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -492,7 +493,7 @@ RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a ch
 # what a checkpoint must hold before a run reads it (the tensors are checked as the model loads them)
 CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict,
                          optimizer=dict, epoch_rng=torch.Tensor, torch_rng=torch.Tensor, train_seconds=float,
-                         train_cpu_seconds=float, train_losses=list, content_sha256=str)
+                         train_cpu_seconds=float, train_losses=list, run_id=str, content_sha256=str)
 RECORD_FIELDS = dict(kind=str, step=int, epoch=(int, float), nlpps=(int, float))  # of a metrics.jsonl line
 
 
@@ -521,7 +522,7 @@ def open_run(argv):
     run_dir = Path(cfg.out_dir) / SCRIPT / cfg.run_name
     if not (cfg.resume or cfg.eval_only or cfg.sample_only):
         return cfg, None, run_dir
-    ckpt = resume_point(run_dir) if cfg.resume else load_checkpoint(run_dir / "ckpt_best.pt")
+    ckpt = run_checkpoint(run_dir, cfg.resume)
     fields = Config.__dataclass_fields__
     saved = {k: v for k, v in ckpt["args"].items() if k in fields and k not in RUN_FLAGS
              and not (cfg.resume and k in given and fields[k].metadata["resume_may_change"])}
@@ -571,10 +572,11 @@ def content_sha256(state):
     digest = hashlib.sha256()
 
     def feed(value):
-        if isinstance(value, dict):  # its keys, then their values
-            digest.update(f"dict {list(value)!r}\n".encode())
-            for item in value.values():
-                feed(item)
+        if isinstance(value, dict):  # its keys, then their values (in an order no file changes)
+            keys = sorted(value, key=repr)
+            digest.update(f"dict {keys!r}\n".encode())
+            for key in keys:
+                feed(value[key])
         elif torch.is_tensor(value):
             digest.update(f"{value.dtype} {tuple(value.shape)}\n".encode())
             digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -622,21 +624,31 @@ def load_checkpoint(path):
     if not garbled:  # a checkpoint of another version of the script: its flags
         garbled = common.invalid_settings(Config, state["args"])  # (kept flags missing, or values -h refuses)
     if garbled:
-        raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
+        older = ": written by an older version of the script?" if "content_sha256" in garbled else ""
+        raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)}){older}")
     return state
 
 
-def resume_point(run_dir):
-    """--resume's checkpoint: ckpt_last.pt, or ckpt_best.pt where it is newer (it is written first: a process
-    that died between the two writes left it ahead) or alone (it died before the first ckpt_last.pt). Unless
-    ckpt_best.pt is ahead, ckpt_last.pt records its val as the best one."""
-    saved = [load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
-             if (run_dir / name).exists()]
-    last, best = saved if len(saved) == 2 else (None, None)
-    if last and last["step"] >= best["step"] and last["best_val"] != best["best_val"]:
+def run_checkpoint(run_dir, resume):
+    """The checkpoint a mode reads: ckpt_best.pt for --eval-only and --sample-only; for --resume ckpt_last.pt,
+    or ckpt_best.pt where it is newer (it is written first: a process that died between the two writes left
+    it ahead) or alone (it died before the first ckpt_last.pt). Both must be of the run that args.json names
+    (its run_id), and agree on the best val unless ckpt_best.pt is ahead: a file copied in is refused."""
+    saved = {name: load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
+             if (run_dir / name).exists()}
+    runs = {name: ckpt["run_id"] for name, ckpt in saved.items()}
+    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):  # (none: a checkpoint alone)
+        runs["args.json"] = json.loads((run_dir / "args.json").read_text())["run_id"]
+    if len(set(runs.values())) > 1:
+        raise RunError(f"the files in {run_dir} are of different runs (run_id: "
+                       + ", ".join(f"{run} in {name}" for name, run in runs.items()) + "): one copied in?")
+    last, best = saved.get("ckpt_last.pt"), saved.get("ckpt_best.pt")
+    if last and best and last["step"] >= best["step"] and last["best_val"] != best["best_val"]:
         raise RunError(f"the checkpoints in {run_dir} disagree about the best val NLPPS: {last['best_val']} "
-                       f"in ckpt_last.pt, {best['best_val']} in ckpt_best.pt (one copied from another run?)")
-    return max(saved, key=lambda ckpt: ckpt["step"]) if saved else load_checkpoint(run_dir / "ckpt_last.pt")
+                       f"in ckpt_last.pt, {best['best_val']} in ckpt_best.pt (an older one put back?)")
+    if not resume or not saved:  # (a missing file: load_checkpoint says why)
+        return best or load_checkpoint(run_dir / ("ckpt_last.pt" if resume else "ckpt_best.pt"))
+    return max(saved.values(), key=lambda ckpt: ckpt["step"])
 
 
 @contextlib.contextmanager
@@ -885,7 +897,8 @@ def run(argv=None):
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
         args = dataclasses.asdict(cfg)
-        write_file(run_dir / "args.json", json.dumps(args | {"data_sha256": sha256}, indent=2))
+        run_id = ckpt["run_id"] if ckpt is not None else secrets.token_hex(8)  # (see run_checkpoint)
+        write_file(run_dir / "args.json", json.dumps(dict(args, data_sha256=sha256, run_id=run_id), indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
             f"{steps_per_epoch} steps/epoch | run folder {run_dir}")
@@ -935,7 +948,7 @@ def run(argv=None):
                 if cfg.show_samples:  # (before the checkpoints: see drop_samples_past)
                     write_samples(model, vocab, cfg, device, run_dir, progress())
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
+                         args=args, vocab=vocab.itos, data_sha256=sha256, run_id=run_id, best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
                          torch_rng=torch.get_rng_state(), train_losses=losses, **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet

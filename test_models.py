@@ -495,9 +495,10 @@ def test_the_run_is_the_same_text_in_every_script():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_is_atomic_and_foreign_or_corrupt_ones_are_refused(script, tmp_path):
     module, path = MODULES[script], tmp_path / "ckpt.pt"
-    whole = dict(script=script, args=dataclasses.asdict(module.Config()), vocab=[], data_sha256={}, step=0,
-                 best_val=math.inf, model={"w": torch.ones(2)}, optimizer={}, epoch_rng=torch.get_rng_state(),
-                 torch_rng=torch.get_rng_state(), train_seconds=0.0, train_cpu_seconds=0.0, train_losses=[])
+    whole = dict(script=script, args=dataclasses.asdict(module.Config()), vocab=[], data_sha256={},
+                 run_id="0", step=0, best_val=math.inf, model={"w": torch.ones(2)}, optimizer={},
+                 epoch_rng=torch.get_rng_state(), torch_rng=torch.get_rng_state(), train_seconds=0.0,
+                 train_cpu_seconds=0.0, train_losses=[])
     module.save_checkpoint(whole, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert module.load_checkpoint(path)["model"]["w"].sum() == 2
@@ -812,7 +813,8 @@ def test_a_checkpoint_edited_by_hand_is_refused(script, finished, tmp_path):
         for mode in ("--resume", "--eval-only"):
             code, _, err = call(script, [mode, "--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, *(
-                ["not a whole", "(no valid content_sha256)"] if "content_sha256" not in state else
+                ["not a whole", "(no valid content_sha256): written by an older version of the script?"]
+                if "content_sha256" not in state else
                 ["ckpt_", f"is not as {script} wrote it (its content does not match the SHA-256 it "
                           "records)"]))
         assert snapshot(run_dir) == before
@@ -829,6 +831,39 @@ def test_a_resume_refuses_checkpoints_that_disagree_on_the_best(finished, tmp_pa
                                        "--data-dir", data_dir])
     assert_one_line_error(code, err, "disagree about the best val NLPPS: 1e-09 in ckpt_last")
     assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_one_alone_is_read(finished, tmp_path):
+    """A genuine checkpoint copied in from another run of the script (its own run_id) would put that run's
+    number in this run's records: refused, whichever file it replaces. A checkpoint alone in a folder (a
+    colleague's, with no args.json) is read; so is one whose keys were saved in another order."""
+    out_dir, run_dir = copy_run(finished["dlm100_rnn"], tmp_path)
+    data_dir = json.loads((run_dir / "args.json").read_text())["data_dir"]
+    real = {name: torch.load(run_dir / name, weights_only=True) for name in ("ckpt_last.pt", "ckpt_best.pt")}
+    modes = [["--eval-only"], ["--sample-only"], ["--resume", "--epochs", "3"]]
+    for copied in (["ckpt_best.pt"], ["ckpt_last.pt"], ["ckpt_last.pt", "ckpt_best.pt"]):
+        for name in copied:  # (another run: another run_id, its own content_sha256)
+            dlm100_rnn.save_checkpoint(real[name] | {"run_id": "another run"}, run_dir / name)
+        before = snapshot(run_dir)
+        for mode in modes:
+            code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
+            assert_one_line_error(code, err, "are of different runs (run_id: ", "another run in "
+                                  + copied[0], "): one copied in?")
+        assert snapshot(run_dir) == before
+        for name in copied:
+            shutil.copy(finished["dlm100_rnn"] / name, run_dir / name)
+    older_best = real["ckpt_best.pt"] | {"step": 4, "best_val": real["ckpt_best.pt"]["best_val"] + 1}
+    dlm100_rnn.save_checkpoint(older_best, run_dir / "ckpt_best.pt")  # of this run, but put back
+    for mode in modes:
+        code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
+        assert_one_line_error(code, err, "disagree about the best val NLPPS", "(an older one put back?)")
+    alone = tmp_path / "shared" / "dlm100_rnn" / "default"
+    alone.mkdir(parents=True)
+    torch.save(dict(reversed(real["ckpt_best.pt"].items())), alone / "ckpt_best.pt")  # keys in another order
+    out = call_ok("dlm100_rnn", ["--eval-only", "--out-dir", str(tmp_path / "shared"),
+                                 "--data-dir", data_dir])
+    test = [r for r in read_metrics(run_dir) if r["kind"] == "test"][-1]
+    assert f"nlpps {test['nlpps']:.2f} |" in out  # the run's own number
 
 
 def test_an_interrupted_eval_only_keeps_the_runs_records_and_bytes_that_are_not_utf8_are_no_record(
