@@ -1067,7 +1067,7 @@ def run_checkpoint(run_dir, resume):
              if (run_dir / name).exists()}
     runs = {name: ckpt["run_id"] for name, ckpt in saved.items()}
     with contextlib.suppress(OSError, ValueError, LookupError, TypeError):  # (none: a checkpoint alone)
-        runs["args.json"] = json.loads((run_dir / "args.json").read_text())["run_id"]
+        runs["args.json"] = str(json.loads((run_dir / "args.json").read_text())["run_id"])
     if len(set(runs.values())) > 1:
         raise RunError(f"the files in {run_dir} are of different runs (run_id: "
                        + ", ".join(f"{run} in {name}" for name, run in runs.items()) + "): one copied in?")
