@@ -448,15 +448,17 @@ def load_checkpoint(path):
                        "project)") from None
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         raise RunError(f"{path} is not a {SCRIPT} checkpoint")
-    if "content_sha256" in state and state["content_sha256"] != content_sha256(state):
+    if not {"content_sha256", "run_id"} <= state.keys():  # (what this version of the script added last)
+        raise RunError(f"{path} was written by an older version of {SCRIPT} (it has no content_sha256 or "
+                       "run_id): use the commit that wrote it, or train the run again")
+    if state["content_sha256"] != content_sha256(state):
         raise RunError(f"{path} is not as {SCRIPT} wrote it (its content does not match the SHA-256 it "
                        "records): edited or damaged?")
     garbled = [k for k, expected in CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), expected)]
     if not garbled:  # a checkpoint of another version of the script: its flags
         garbled = common.invalid_settings(Config, state["args"])  # (kept flags missing, or values -h refuses)
     if garbled:
-        older = ": written by an older version of the script?" if "content_sha256" in garbled else ""
-        raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)}){older}")
+        raise RunError(f"{path} is not a whole {SCRIPT} checkpoint (no valid {', '.join(garbled)})")
     return state
 
 
@@ -468,15 +470,22 @@ def run_checkpoint(run_dir, resume):
     saved = {name: load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
              if (run_dir / name).exists()}
     runs = {name: ckpt["run_id"] for name, ckpt in saved.items()}
-    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):  # (none: a checkpoint alone)
+    try:  # (no args.json: a checkpoint alone, as a colleague's, is read)
         runs["args.json"] = str(json.loads((run_dir / "args.json").read_text())["run_id"])
+    except FileNotFoundError:
+        pass
+    except (ValueError, LookupError, TypeError):
+        raise RunError(f"{run_dir / 'args.json'} names no run_id (edited?): delete it to read the "
+                       "checkpoints alone") from None
     if len(set(runs.values())) > 1:
-        raise RunError(f"the files in {run_dir} are of different runs (run_id: "
-                       + ", ".join(f"{run} in {name}" for name, run in runs.items()) + "): one copied in?")
+        ids = ", ".join(f"{run} in {name}" for name, run in runs.items())
+        raise RunError(f"the files in {run_dir} are of different runs (run_id: {ids}): one copied in? Put "
+                       "back this run's own, or read another run's checkpoint alone, in a new --run-name")
     last, best = saved.get("ckpt_last.pt"), saved.get("ckpt_best.pt")
     if last and best and last["step"] >= best["step"] and last["best_val"] != best["best_val"]:
         raise RunError(f"the checkpoints in {run_dir} disagree about the best val NLPPS: {last['best_val']} "
-                       f"in ckpt_last.pt, {best['best_val']} in ckpt_best.pt (an older one put back?)")
+                       f"in ckpt_last.pt, {best['best_val']} in ckpt_best.pt: an older ckpt_best.pt put "
+                       "back? Put back the newest")
     if not resume or not saved:  # (a missing file: load_checkpoint says why)
         return best or load_checkpoint(run_dir / ("ckpt_last.pt" if resume else "ckpt_best.pt"))
     return max(saved.values(), key=lambda ckpt: ckpt["step"])
@@ -490,7 +499,8 @@ def lock_run_folder(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / ".lock", "a")
     except OSError as e:
-        raise RunError(f"cannot use the run folder {run_dir}: {e.strerror or e}") from None
+        hint = " (copy it somewhere writable; --sample-only writes nothing)" if run_dir.is_dir() else ""
+        raise RunError(f"cannot use the run folder {run_dir}: {e.strerror or e}{hint}") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -794,6 +794,7 @@ EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand: each 
     lambda state: state["optimizer"]["state"].pop(1),  # a parameter's entry: it would train on afresh
     lambda state: state["optimizer"].update(state={}),
     lambda state: state.pop("content_sha256"),  # (as a checkpoint of an older version of the script)
+    lambda state: state.pop("run_id") and state.pop("content_sha256"),
 ]
 
 
@@ -813,8 +814,8 @@ def test_a_checkpoint_edited_by_hand_is_refused(script, finished, tmp_path):
         for mode in ("--resume", "--eval-only"):
             code, _, err = call(script, [mode, "--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, *(
-                ["not a whole", "(no valid content_sha256): written by an older version of the script?"]
-                if "content_sha256" not in state else
+                [f"was written by an older version of {script} (it has no content_sha256 or run_id): use "
+                 "the commit that wrote it, or train the run again"] if "content_sha256" not in state else
                 ["ckpt_", f"is not as {script} wrote it (its content does not match the SHA-256 it "
                           "records)"]))
         assert snapshot(run_dir) == before
@@ -848,7 +849,8 @@ def test_a_checkpoint_of_another_run_is_refused_and_one_alone_is_read(finished, 
         for mode in modes:
             code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, "are of different runs (run_id: ", "another run in "
-                                  + copied[0], "): one copied in?")
+                                  + copied[0], "): one copied in? Put back this run's own, or read another "
+                                  "run's checkpoint alone, in a new --run-name")
         assert snapshot(run_dir) == before
         for name in copied:
             shutil.copy(finished["dlm100_rnn"] / name, run_dir / name)
@@ -856,7 +858,14 @@ def test_a_checkpoint_of_another_run_is_refused_and_one_alone_is_read(finished, 
     dlm100_rnn.save_checkpoint(older_best, run_dir / "ckpt_best.pt")  # of this run, but put back
     for mode in modes:
         code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
-        assert_one_line_error(code, err, "disagree about the best val NLPPS", "(an older one put back?)")
+        assert_one_line_error(code, err, "disagree about the best val NLPPS", "an older ckpt_best.pt put "
+                                                                               "back? Put back the newest")
+    shutil.copy(finished["dlm100_rnn"] / "ckpt_best.pt", run_dir / "ckpt_best.pt")
+    (run_dir / "args.json").write_text('{"run_id": ')  # torn by hand: the check is not skipped
+    for mode in modes:
+        code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
+        assert_one_line_error(code, err, "args.json names no run_id (edited?): delete it to read the "
+                                         "checkpoints alone")
     alone = tmp_path / "shared" / "dlm100_rnn" / "default"
     alone.mkdir(parents=True)
     torch.save(dict(reversed(real["ckpt_best.pt"].items())), alone / "ckpt_best.pt")  # keys in another order
