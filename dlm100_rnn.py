@@ -276,8 +276,8 @@ def lr_at(step, total_steps, cfg):
 
 def content_sha256(state):
     """The SHA-256 of a checkpoint's content but itself: its tensors' dtypes, shapes and bytes, and its other
-    values' reprs, key by key. save_checkpoint records it and load_checkpoint checks it, so a checkpoint edited
-    by hand (or damaged) is refused, never trusted with a value no run wrote."""
+    values' reprs, key by key. save_checkpoint records it and load_checkpoint checks it, so a checkpoint
+    edited by hand (or damaged) is refused, never trusted with a value no run wrote."""
     digest = hashlib.sha256()
 
     def feed(value):
