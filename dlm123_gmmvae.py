@@ -465,18 +465,20 @@ def load_checkpoint(path):
 def run_checkpoint(run_dir, resume):
     """The checkpoint a mode reads: ckpt_best.pt for --eval-only and --sample-only; for --resume ckpt_last.pt,
     or ckpt_best.pt where it is newer (it is written first: a process that died between the two writes left
-    it ahead) or alone (it died before the first ckpt_last.pt). Both must be of the run that args.json names
-    (its run_id), and agree on the best val unless ckpt_best.pt is ahead: a file copied in is refused."""
+    it ahead) or alone (it died before the first ckpt_last.pt). Both must be of the run (run_id) args.json
+    and the evaluation records in metrics.jsonl name, and agree on the best val unless ckpt_best.pt is ahead:
+    a file copied in is refused. (A checkpoint alone in a folder, as a colleague's, is read.)"""
     saved = {name: load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
              if (run_dir / name).exists()}
     runs = {name: ckpt["run_id"] for name, ckpt in saved.items()}
-    try:  # (no args.json: a checkpoint alone, as a colleague's, is read)
+    runs |= {"metrics.jsonl": str(r["run_id"]) for r in read_metrics(run_dir) if "run_id" in r}  # (the last)
+    try:
         runs["args.json"] = str(json.loads((run_dir / "args.json").read_text())["run_id"])
     except FileNotFoundError:
         pass
     except (ValueError, LookupError, TypeError):
-        raise RunError(f"{run_dir / 'args.json'} names no run_id (edited?): delete it to read the "
-                       "checkpoints alone") from None
+        raise RunError(f"{run_dir / 'args.json'} names no run_id (edited?): delete it (metrics.jsonl and the "
+                       "checkpoints name the run too)") from None
     if len(set(runs.values())) > 1:
         ids = ", ".join(f"{run} in {name}" for name, run in runs.items())
         raise RunError(f"the files in {run_dir} are of different runs (run_id: {ids}): one copied in? Put "
@@ -704,6 +706,7 @@ def run(argv=None):
     order = torch.Generator().manual_seed(cfg.seed)  # the data order
     n_params = sum(p.numel() for p in model.parameters())
     step, best_val, losses = 0, math.inf, []
+    run_id = ckpt["run_id"] if ckpt is not None else secrets.token_hex(8)  # (see run_checkpoint)
     train_seconds, train_cpu_seconds = 0.0, 0.0  # wall-clock and CPU time of the training steps
     try:
         if ckpt is not None:  # its weights; for --resume also the optimizer and both random streams
@@ -725,7 +728,7 @@ def run(argv=None):
 
     def progress():  # where the run is: every record and checkpoint says it
         return dict(step=step, epoch=step / steps_per_epoch, n_params=n_params, train_seconds=train_seconds,
-                    train_cpu_seconds=train_cpu_seconds)
+                    train_cpu_seconds=train_cpu_seconds, run_id=run_id)
 
     if cfg.sample_only:  # it prints only: no lock, no file written (beside a training run too, or read-only)
         return write_samples(model, vocab, splits, cfg, device, run_dir, progress())
@@ -744,7 +747,6 @@ def run(argv=None):
     with lock_run_folder(run_dir), stop_requests() as stop:
         prepare_run_folder(run_dir, cfg, ckpt)
         args = dataclasses.asdict(cfg)
-        run_id = ckpt["run_id"] if ckpt is not None else secrets.token_hex(8)  # (see run_checkpoint)
         write_file(run_dir / "args.json", json.dumps(dict(args, data_sha256=sha256, run_id=run_id), indent=2))
         log(run_dir, f"{SCRIPT} | {f'resumed at step {step}' if step else 'new run'} | {cfg.epochs} epochs | "
             f"{n_params:,} parameters | {len(train):,} training captions | {device} {cfg.dtype} | "
@@ -795,7 +797,7 @@ def run(argv=None):
                 if cfg.show_samples:  # (before the checkpoints: see drop_samples_past)
                     write_samples(model, vocab, splits, cfg, device, run_dir, progress())
             state = dict(script=SCRIPT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         args=args, vocab=vocab.itos, data_sha256=sha256, run_id=run_id, best_val=best_val,
+                         args=args, vocab=vocab.itos, data_sha256=sha256, best_val=best_val,
                          epoch_rng=order.get_state() if epoch_done else epoch_rng,  # (mid-epoch: replayed)
                          torch_rng=torch.get_rng_state(), train_losses=losses, **progress())
             if is_best:  # first: ckpt_last.pt never records a best_val whose checkpoint is not written yet

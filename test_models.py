@@ -864,8 +864,20 @@ def test_a_checkpoint_of_another_run_is_refused_and_one_alone_is_read(finished, 
     (run_dir / "args.json").write_text('{"run_id": ')  # torn by hand: the check is not skipped
     for mode in modes:
         code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
-        assert_one_line_error(code, err, "args.json names no run_id (edited?): delete it to read the "
-                                         "checkpoints alone")
+        assert_one_line_error(code, err, "args.json names no run_id (edited?): delete it (metrics.jsonl and "
+                                         "the checkpoints name the run too)")
+    (run_dir / "args.json").unlink()  # as that says; then another run's checkpoints: its records name the run
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        dlm100_rnn.save_checkpoint(real[name] | {"run_id": "another run"}, run_dir / name)
+    before = snapshot(run_dir)
+    for mode in modes:
+        code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
+        assert_one_line_error(code, err, "another run in ckpt_last.pt, another run in ckpt_best.pt, "
+                                         f"{real['ckpt_last.pt']['run_id']} in metrics.jsonl")
+    assert snapshot(run_dir) == before
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):  # the run's own, with no args.json: read
+        shutil.copy(finished["dlm100_rnn"] / name, run_dir / name)
+    call_ok("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
     alone = tmp_path / "shared" / "dlm100_rnn" / "default"
     alone.mkdir(parents=True)
     torch.save(dict(reversed(real["ckpt_best.pt"].items())), alone / "ckpt_best.pt")  # keys in another order
@@ -1591,7 +1603,8 @@ def test_dlm107_each_mode_trains_resumes_exactly_evaluates_and_samples(tiny_data
     assert train[-1][1] < train[0][1]  # the loss falls
     test, = seg_records(root / "straight", "test")
     assert test == {**seg_records(root / "split", "test")[-1], "seconds": test["seconds"],
-                    "train_seconds": test["train_seconds"], "train_cpu_seconds": test["train_cpu_seconds"]}
+                    "train_seconds": test["train_seconds"], "train_cpu_seconds": test["train_cpu_seconds"],
+                    "run_id": test["run_id"]}  # (each run its own)
     assert test["bound"] == "exact" and test["data"] == ("custom data, spaces removed"
                                                          if "--no-spaces" in mode else "custom data")
     assert all(0 <= test[k] <= 1 for k in ("boundary_f1", "token_f1", "type_f1", "cut_rate"))
