@@ -344,12 +344,13 @@ def run_checkpoint(run_dir, resume):
     """The checkpoint a mode reads: ckpt_best.pt for --eval-only and --sample-only; for --resume ckpt_last.pt,
     or ckpt_best.pt where it is newer (it is written first: a process that died between the two writes left
     it ahead) or alone (it died before the first ckpt_last.pt). Both must be of the run (run_id) args.json
-    and the evaluation records in metrics.jsonl name, and agree on the best val unless ckpt_best.pt is ahead:
+    and every evaluation record in metrics.jsonl name, and agree on the best val unless ckpt_best.pt is ahead:
     a file copied in is refused. (A checkpoint alone in a folder, as a colleague's, is read.)"""
     saved = {name: load_checkpoint(run_dir / name) for name in ("ckpt_last.pt", "ckpt_best.pt")
              if (run_dir / name).exists()}
     runs = {name: ckpt["run_id"] for name, ckpt in saved.items()}
-    runs |= {"metrics.jsonl": str(r["run_id"]) for r in read_metrics(run_dir) if "run_id" in r}  # (the last)
+    recorded = sorted({str(r["run_id"]) for r in read_metrics(run_dir) if "run_id" in r})  # (one, or none)
+    runs |= {"metrics.jsonl": " and ".join(recorded)} if recorded else {}
     try:
         runs["args.json"] = str(json.loads((run_dir / "args.json").read_text())["run_id"])
     except FileNotFoundError:
@@ -359,8 +360,8 @@ def run_checkpoint(run_dir, resume):
                        "checkpoints name the run too)") from None
     if len(set(runs.values())) > 1:
         ids = ", ".join(f"{run} in {name}" for name, run in runs.items())
-        raise RunError(f"the files in {run_dir} are of different runs (run_id: {ids}): one copied in? Put "
-                       "back this run's own, or read another run's checkpoint alone, in a new --run-name")
+        raise RunError(f"the files in {run_dir} are of different runs (run_id: {ids}): copied in, or edited? "
+                       "Put back this run's own, or read another run's checkpoint alone, in a new --run-name")
     last, best = saved.get("ckpt_last.pt"), saved.get("ckpt_best.pt")
     if last and best and last["step"] >= best["step"] and last["best_val"] != best["best_val"]:
         raise RunError(f"the checkpoints in {run_dir} disagree about the best val NLPPS: {last['best_val']} "

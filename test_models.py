@@ -849,8 +849,8 @@ def test_a_checkpoint_of_another_run_is_refused_and_one_alone_is_read(finished, 
         for mode in modes:
             code, _, err = call("dlm100_rnn", mode + ["--out-dir", str(out_dir), "--data-dir", data_dir])
             assert_one_line_error(code, err, "are of different runs (run_id: ", "another run in "
-                                  + copied[0], "): one copied in? Put back this run's own, or read another "
-                                  "run's checkpoint alone, in a new --run-name")
+                                  + copied[0], "): copied in, or edited? Put back this run's own, or read "
+                                  "another run's checkpoint alone, in a new --run-name")
         assert snapshot(run_dir) == before
         for name in copied:
             shutil.copy(finished["dlm100_rnn"] / name, run_dir / name)
@@ -878,6 +878,12 @@ def test_a_checkpoint_of_another_run_is_refused_and_one_alone_is_read(finished, 
     for name in ("ckpt_last.pt", "ckpt_best.pt"):  # the run's own, with no args.json: read
         shutil.copy(finished["dlm100_rnn"] / name, run_dir / name)
     call_ok("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    own_records = (run_dir / "metrics.jsonl").read_text()
+    with open(run_dir / "metrics.jsonl", "a") as f:  # another run's records pasted in, before or after
+        f.write(own_records.replace(real["ckpt_last.pt"]["run_id"], "another run"))
+    code, _, err = call("dlm100_rnn", ["--eval-only", "--out-dir", str(out_dir), "--data-dir", data_dir])
+    both = " and ".join(sorted(["another run", real["ckpt_last.pt"]["run_id"]]))
+    assert_one_line_error(code, err, f"{both} in metrics.jsonl")
     alone = tmp_path / "shared" / "dlm100_rnn" / "default"
     alone.mkdir(parents=True)
     torch.save(dict(reversed(real["ckpt_best.pt"].items())), alone / "ckpt_best.pt")  # keys in another order
