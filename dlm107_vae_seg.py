@@ -922,7 +922,7 @@ RUN_FLAGS = common.run_flags(Config)  # Config's last section, run control: a ch
 # what a checkpoint must hold before a run reads it (the tensors are checked as the model loads them)
 CHECKPOINT_FIELDS = dict(args=dict, vocab=list, data_sha256=dict, step=int, best_val=float, model=dict,
                          optimizer=dict, epoch_rng=torch.Tensor, torch_rng=torch.Tensor, train_seconds=float,
-                         train_cpu_seconds=float, train_losses=list, run_id=str, content_sha256=str)
+                         train_cpu_seconds=float, train_losses=list, run_id=str)
 RECORD_FIELDS = dict(kind=str, step=int, epoch=(int, float), nlpps=(int, float))  # of a metrics.jsonl line
 
 

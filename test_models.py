@@ -794,7 +794,7 @@ EDITED_CHECKPOINTS = [  # a real checkpoint with one value edited by hand: each 
     lambda state: state["optimizer"]["state"].pop(1),  # a parameter's entry: it would train on afresh
     lambda state: state["optimizer"].update(state={}),
     lambda state: state.pop("content_sha256"),  # (as a checkpoint of an older version of the script)
-    lambda state: state.pop("run_id") and state.pop("content_sha256"),
+    lambda state: (state.pop("run_id"), state.pop("content_sha256")),
 ]
 
 
